@@ -1,0 +1,294 @@
+"""``celldiff`` command line: LightningCLI with run directories, data→model links and W&B guard.
+
+Every run gets its own directory (config.yaml, checkpoints/ with last.ckpt, split.json, samples/,
+logs). ``celldiff fit --config X --ckpt_path last`` resumes the newest run of config X (or the one
+named by ``--run_dir``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from celldiff.callbacks import PredictionWriter, SaveSplit
+from celldiff.data import CellDataModule, DataError
+
+RUNS_ROOT = "runs"
+
+
+class UsageError(Exception):
+    """A command-line value that cannot work; reported as one line, exit code 2."""
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _class_path(value: Any) -> str:
+    if isinstance(value, Namespace | dict):
+        return str(value.get("class_path", ""))
+    return ""
+
+
+def wandb_mode_guard() -> None:
+    """Switch W&B to offline mode, with one warning, when it cannot reach the server.
+
+    With no API key and no terminal ``wandb.init`` fails, and with no network it waits for
+    minutes; an offline run can be uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return
+    reason = None
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        has_key = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not has_key:
+        reason = "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    else:
+        import socket
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        try:
+            socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+        except OSError:
+            reason = f"cannot reach {host}"
+    if reason:
+        os.environ["WANDB_MODE"] = "offline"
+        warnings.warn(
+            f"celldiff: W&B runs offline: {reason}; upload later with `wandb sync <run_dir>/wandb/offline-run-*`",
+            stacklevel=2,
+        )
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config into the run directory without ever overwriting one.
+
+    A resumed run keeps its original config.yaml and writes config.resumed-<time>.yaml beside it;
+    with W&B the resolved config also goes to the run's config panel.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and trainer.log_dir:
+            if (Path(trainer.log_dir) / self.config_filename).exists():
+                self.config_filename = f"config.resumed-{_timestamp()}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                import json
+
+                logger.experiment.config.update({"celldiff": json.loads(config)}, allow_val_change=True)
+
+
+class CellDiffCLI(LightningCLI):
+    """LightningCLI for celldiff (see the README for the commands)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", None)
+        kwargs.setdefault("datamodule_class", CellDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ parser
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="Directory of this run (default runs/<config name>/<time>); with --ckpt_path last, the run to resume.",
+        )
+        parser.add_argument(
+            "--output_dir", type=str | None, default=None, help="predict: directory for the images (new or empty)."
+        )
+        parser.add_argument("--num_samples", type=int | None, default=None, help="predict: number of images.")
+        parser.add_argument("--seed", type=int | None, default=None, help="Seed of everything, incl. sample noise.")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "model": {"class_path": "celldiff.module.DiffusionModule"},
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:04d}-step{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_epochs": 1,
+            }
+        )
+        parser.link_arguments("data.image_size", "model.init_args.image_size")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    # Values that the data module provides: never taken from a checkpoint's hyperparameters.
+    LINKED_MODEL_KEYS = ("image_size", "num_classes", "class_names")
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the architecture from the checkpoint, so any config can load any checkpoint.
+
+        Only the keys the model class lists in ``CHECKPOINT_ARCH_KEYS`` (shapes and the diffusion
+        process) are taken; sampling choices stay with the config and the command line.
+        """
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
+            if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+                raise UsageError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            return
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as err:  # a truncated or foreign file
+            raise UsageError(f"--ckpt_path {ckpt_path}: not a readable celldiff checkpoint ({err.__class__.__name__})") from None
+        hparams = dict(ckpt.get("hyper_parameters", {}))
+        class_path = hparams.pop("_class_path", None)
+        if not class_path:
+            return
+        model_cls = _import(class_path)
+        keys = getattr(model_cls, "CHECKPOINT_ARCH_KEYS", ())
+        init_args = {k: hparams[k] for k in keys if k in hparams}
+        self.config = self.parser.parse_object(
+            {sub: {"model": {"class_path": class_path, "init_args": init_args}}}, self.config
+        )
+
+    # ------------------------------------------------------------------ run directory
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        cfg = self.config[sub]
+        stem = Path(str(cfg.config[0])).stem if cfg.get("config") else "celldiff"
+        if cfg.seed is not None:
+            from lightning.pytorch import seed_everything
+
+            cfg.seed_everything = cfg.seed
+            cfg.data.predict_seed = cfg.seed
+            seed_everything(cfg.seed, workers=True)
+        if cfg.num_samples is not None:
+            if cfg.num_samples < 1:
+                raise UsageError(f"--num_samples must be at least 1, got {cfg.num_samples}")
+            cfg.data.num_predict_samples = cfg.num_samples
+
+        run_dir = self._resolve_run_dir(sub, cfg, stem)
+        cfg.run_dir = str(run_dir)
+        cfg.trainer.default_root_dir = str(run_dir)
+        cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
+        if sub == "predict":
+            cfg.trainer.logger = False
+        else:
+            cfg.trainer.logger = self._patch_loggers(cfg.trainer.logger, run_dir, stem)
+        print(f"celldiff: {sub} run directory: {run_dir}", file=sys.stderr)
+
+    def _resolve_run_dir(self, sub: str, cfg: Namespace, stem: str) -> Path:
+        if sub == "predict":
+            out = cfg.output_dir
+            if out is None:
+                base = Path(cfg.ckpt_path).resolve().parent.parent if cfg.ckpt_path else Path(RUNS_ROOT) / stem
+                out = base / f"predict-{_timestamp()}"
+            out = Path(out)
+            if out.exists() and any(out.iterdir()):
+                raise UsageError(f"--output_dir {out} is not empty; choose a new or empty directory (nothing was overwritten)")
+            cfg.output_dir = str(out)
+            return out
+        if sub != "fit":
+            return Path(cfg.run_dir) if cfg.run_dir else Path(RUNS_ROOT) / stem / f"{_timestamp()}-{sub}"
+        if cfg.ckpt_path == "last":
+            if cfg.run_dir:
+                run_dir = Path(cfg.run_dir)
+            else:
+                candidates = sorted(Path(RUNS_ROOT, stem).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+                if not candidates:
+                    raise UsageError(
+                        f"--ckpt_path last: no run of config '{stem}' under {RUNS_ROOT}/{stem}/ has checkpoints/last.ckpt;"
+                        " pass --run_dir of the run to resume"
+                    )
+                run_dir = candidates[-1].parent.parent
+            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+                raise UsageError(f"--ckpt_path last: {run_dir}/checkpoints/last.ckpt does not exist")
+            print(f"celldiff: resuming {run_dir}/checkpoints/last.ckpt", file=sys.stderr)
+            return run_dir
+        if cfg.run_dir:
+            run_dir = Path(cfg.run_dir)
+            requeued = any(run_dir.glob("hpc_ckpt_*.ckpt"))  # SLURM requeue: Lightning resumes it
+            if (run_dir / "config.yaml").exists() and not requeued and not cfg.ckpt_path:
+                raise UsageError(
+                    f"--run_dir {run_dir} already holds a run; resume it with --ckpt_path last or choose a new --run_dir"
+                )
+            return run_dir
+        run_dir = Path(RUNS_ROOT) / stem / _timestamp()
+        while run_dir.exists():  # two runs started in the same second
+            run_dir = run_dir.with_name(run_dir.name + "-" + uuid.uuid4().hex[:4])
+        return run_dir
+
+    def _patch_loggers(self, value: Any, run_dir: Path, stem: str) -> Any:
+        """Point every configured logger at the run directory; W&B keeps one run id per run dir."""
+        if value is None or value is False:
+            return False
+        if value is True:
+            value = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace())
+        loggers = value if isinstance(value, list) else [value]
+        for logger in loggers:
+            class_path = _class_path(logger)
+            if logger.get("init_args") is None:
+                logger.init_args = Namespace()
+            args = logger.init_args
+            args.save_dir = str(run_dir)
+            if class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+                args.name = ""
+                args.version = ""
+            elif class_path.endswith("WandbLogger"):
+                wandb_mode_guard()
+                run_dir.mkdir(parents=True, exist_ok=True)
+                id_file = run_dir / "wandb_id.txt"
+                if not id_file.exists():
+                    id_file.write_text(uuid.uuid4().hex[:12] + "\n")
+                args.id = id_file.read_text().strip()
+                args.project = args.get("project") or "celldiff"
+                args.name = args.get("name") or f"{stem}/{run_dir.name}"
+                args.resume = "allow"
+        return value
+
+    # ------------------------------------------------------------------ trainer
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        cfg = self.config_init[self.subcommand]
+        callbacks = list(cfg.trainer.get("callbacks") or [])
+        if self.subcommand == "fit":
+            callbacks.append(SaveSplit())
+        if self.subcommand == "predict":
+            callbacks.append(PredictionWriter(cfg.output_dir))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def _import(class_path: str) -> type:
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``celldiff`` console script."""
+    torch.set_float32_matmul_precision("high")
+    try:
+        CellDiffCLI(args=args)
+    except (DataError, UsageError) as err:
+        print(f"celldiff: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""DiffusionModule: the LightningModule that trains a U-Net as an ε-predicting DDPM.
+
+The module owns the network (``unet``), its exponential moving average (``ema_unet``) and the
+noise schedule. The sampler (``celldiff.sampler``) never owns the network: the module hands it a
+``model_fn(x_t, t) -> eps`` closure. The module knows nothing of ranks except that the noise
+generator is offset by ``global_rank`` so that DDP ranks do not draw identical noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from celldiff.sampler import sample as run_sampler
+from celldiff.schedule import NoiseSchedule
+from celldiff.unet import UNet
+
+# Validation loss is also reported in these timestep ranges (fractions of T): the loss at small t
+# (fine detail) and large t (global structure) move very differently during training.
+TIMESTEP_BUCKETS = 4
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix64-style mixing)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def generators_from_seeds(seeds: Sequence[int] | Tensor) -> list[torch.Generator]:
+    """One CPU generator per sample, so sample i is the same whatever the batch it is drawn in."""
+    if isinstance(seeds, Tensor):
+        seeds = seeds.tolist()
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_ratio`` (or constant)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DiffusionModule(L.LightningModule):
+    """DDPM with ε-prediction (Ho et al. 2020) on a timestep-conditioned U-Net.
+
+    Args:
+        image_size: Side of the square training images (linked from ``data.image_size``).
+        image_channels: Channels of the images (3 for RGB).
+        num_classes: Number of cell classes in the data (linked from the data module). Only used
+            when ``class_conditional`` is true.
+        class_names: Names of the classes (linked from the data module); used in file names.
+        class_conditional: Condition the U-Net on the class label (Phase 3).
+        base_channels: Channels of the first U-Net level.
+        channel_mult: Channel multiplier of each U-Net level (one level per entry).
+        num_res_blocks: Residual blocks per level.
+        attention_resolutions: Feature-map sizes (e.g. 16 for 16 x 16) that get self-attention.
+        num_heads: Attention heads.
+        dropout: Dropout inside the residual blocks.
+        beta_schedule: ``linear`` (Ho et al.) or ``cosine`` (Nichol & Dhariwal).
+        num_timesteps: Number of diffusion steps T.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        warmup_steps: Linear learning-rate warm-up steps.
+        lr_schedule: ``cosine`` (decay to ``min_lr_ratio * lr`` at the last step) or ``constant``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` for the cosine schedule.
+        grad_clip_norm: Clip the gradient norm to this value (0 disables).
+        ema_decay: Decay of the exponential moving average of the weights.
+        ema_warmup: Use the decay warm-up ``min(decay, (1 + n) / (10 + n))`` so early EMA weights
+            are not dominated by the random initialisation.
+        ema_start_step: Optimizer steps before the EMA starts averaging (until then it copies).
+        sampler: ``ddpm`` (ancestral, Ho et al. Alg. 2) or ``ddim`` (Song et al.).
+        sampling_steps: Reverse steps; ``None`` means T for ``ddpm`` and 50 for ``ddim``.
+        ddim_eta: DDIM stochasticity (0 = deterministic).
+        use_ema: Sample with the EMA weights (validation grids, predict).
+        noise_seed: Seed of the training/validation noise and timesteps; offset by rank and step.
+    """
+
+    # Hyperparameters that fix the parameter shapes and the diffusion process: the CLI takes them
+    # from a checkpoint so that any config can load it.
+    CHECKPOINT_ARCH_KEYS = (
+        "image_channels",
+        "class_conditional",
+        "base_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attention_resolutions",
+        "num_heads",
+        "beta_schedule",
+        "num_timesteps",
+    )
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        image_channels: int = 3,
+        num_classes: int = 0,
+        class_names: list[str] | None = None,
+        class_conditional: bool = False,
+        base_channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: tuple[int, ...] = (16,),
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        beta_schedule: str = "linear",
+        num_timesteps: int = 1000,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 500,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        grad_clip_norm: float = 1.0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        ema_start_step: int = 0,
+        sampler: str = "ddpm",
+        sampling_steps: int | None = None,
+        ddim_eta: float = 0.0,
+        use_ema: bool = True,
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"model.lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        self.save_hyperparameters()
+        self.unet = UNet(
+            in_channels=self.network_in_channels,
+            out_channels=image_channels,
+            base_channels=base_channels,
+            channel_mult=tuple(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=tuple(attention_resolutions),
+            image_size=image_size,
+            dropout=dropout,
+            num_heads=num_heads,
+            num_classes=num_classes if class_conditional else 0,
+        )
+        # The EMA copy is a frozen submodule: it moves with the module, lands in the checkpoint,
+        # and DDP ignores it (no parameter requires grad).
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # ------------------------------------------------------------------ conditioning hooks
+    @property
+    def network_in_channels(self) -> int:
+        """Channels the U-Net sees; the inpainting module adds its condition channels."""
+        return self.hparams.image_channels
+
+    def _class_labels(self, batch: dict[str, Tensor]) -> Tensor | None:
+        if not self.hparams.class_conditional:
+            return None
+        return batch["label"]
+
+    def network_condition(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """Extra network inputs for a batch (labels here; masks in the inpainting module)."""
+        return {"class_labels": self._class_labels(batch)}
+
+    def network_forward(self, net: nn.Module, x_t: Tensor, t: Tensor, **condition: Any) -> Tensor:
+        """Run ``net`` on ``x_t``; subclasses concatenate condition channels here."""
+        return net(x_t, t, class_labels=condition.get("class_labels"))
+
+    # ------------------------------------------------------------------ randomness
+    def _generator(self, *seed_parts: int) -> torch.Generator:
+        """A generator on this module's device, reseeded from (noise_seed, rank, *seed_parts).
+
+        Reseeding from the step makes the training noise a pure function of (seed, rank, step),
+        so a resumed run draws exactly the noise the uninterrupted run would have drawn.
+        """
+        device = self.device
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        gen.manual_seed(_mix_seed(self.hparams.noise_seed, self.global_rank, *seed_parts))
+        return gen
+
+    # ------------------------------------------------------------------ loss
+    def diffusion_loss(
+        self, x0: Tensor, t: Tensor, noise: Tensor, condition: dict[str, Any], net: nn.Module
+    ) -> Tensor:
+        """Per-sample ε-prediction MSE (Ho et al. eq. 14), in float32. Returns shape (B,)."""
+        x_t = self.schedule.q_sample(x0, t, noise)
+        eps = self.network_forward(net, x_t, t, **condition)
+        return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x0 = batch["image"]
+        gen = self._generator(0, self.global_step, batch_idx)
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
+        condition = self.network_condition(batch)
+        loss = self.diffusion_loss(x0, t, noise, condition, self.unet).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def _stratified_timesteps(self, batch_size: int, device: torch.device) -> Tensor:
+        """Evenly spread timesteps over [0, T): a low-variance, repeatable validation estimate."""
+        steps = self.schedule.num_timesteps
+        return ((torch.arange(batch_size, device=device) + 0.5) * steps / batch_size).long()
+
+    def _shared_eval_step(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> Tensor:
+        x0 = batch["image"]
+        b = x0.shape[0]
+        t = self._stratified_timesteps(b, x0.device)
+        # Fixed noise per batch index: validation losses of different epochs are comparable.
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self._generator(1, batch_idx))
+        condition = self.network_condition(batch)
+        per_sample = self.diffusion_loss(x0, t, noise, condition, self.unet)
+        loss = per_sample.mean()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=b, sync_dist=True)
+        if self.hparams.use_ema:
+            ema_loss = self.diffusion_loss(x0, t, noise, condition, self.ema_unet).mean()
+            self.log(f"{stage}/loss_ema", ema_loss, batch_size=b, sync_dist=True)
+        # Bucket counts are known on the host (t is deterministic), so logging needs no sync.
+        steps = self.schedule.num_timesteps
+        host_t = ((torch.arange(b) + 0.5) * steps / b).long()
+        for k in range(TIMESTEP_BUCKETS):
+            lo, hi = k * steps // TIMESTEP_BUCKETS, (k + 1) * steps // TIMESTEP_BUCKETS
+            in_bucket = (host_t >= lo) & (host_t < hi)
+            count = int(in_bucket.sum())
+            if count:
+                value = per_sample[in_bucket.to(per_sample.device)].mean()
+                self.log(f"{stage}/loss_t{lo:04d}-{hi:04d}", value, batch_size=count, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_eval_step(batch, batch_idx, "test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        fused = self.device.type == "cuda"  # fused AdamW: one kernel per step on GPU
+        optimizer = torch.optim.AdamW(
+            self.unet.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, fused=fused
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        clip = gradient_clip_val if gradient_clip_val else self.hparams.grad_clip_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA of the weights after each optimizer step (identical on every DDP rank)."""
+        hp = self.hparams
+        n = int(self.ema_updates)  # a CPU-side counter would desync on resume; this one is saved
+        if self.global_step < hp.ema_start_step:
+            decay = 0.0
+        else:
+            decay = min(hp.ema_decay, (1 + n) / (10 + n)) if hp.ema_warmup else hp.ema_decay
+            self.ema_updates += 1
+        ema_params = list(self.ema_unet.parameters())
+        params = [p.detach() for p in self.unet.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buf, buf in zip(self.ema_unet.buffers(), self.unet.buffers()):
+            ema_buf.copy_(buf)
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_network(self) -> nn.Module:
+        return self.ema_unet if self.hparams.use_ema else self.unet
+
+    def make_model_fn(self, net: nn.Module, condition: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
+        """Close the network and the conditioning over a ``model_fn(x_t, t) -> eps``."""
+
+        def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            return self.network_forward(net, x_t, t, **condition).float()
+
+        return model_fn
+
+    @torch.no_grad()
+    def generate(
+        self,
+        noise_seeds: Sequence[int] | Tensor,
+        condition: dict[str, Any] | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Sample images with one seeded generator per image.
+
+        Args:
+            noise_seeds: One seed per image (length B); image i depends only on its seed.
+            condition: Network conditioning (see ``network_condition``).
+            sampler: ``ddpm`` or ``ddim``; default from the hyperparameters.
+            steps: Reverse steps; default from the hyperparameters.
+            callback: Called at every reverse step with the sampler's state dict.
+            progress: Show a progress bar.
+
+        Returns:
+            Images (B, C, H, W), float32 in [-1, 1].
+        """
+        hp = self.hparams
+        method = sampler or hp.sampler
+        if method not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {method!r}")
+        n = len(noise_seeds)
+        shape = (n, hp.image_channels, hp.image_size, hp.image_size)
+        net = self.sampling_network()
+        was_training = net.training
+        net.eval()
+        try:
+            images = run_sampler(
+                self.make_model_fn(net, condition or {}),
+                self.schedule,
+                shape,
+                method=method,
+                steps=steps if steps is not None else hp.sampling_steps,
+                eta=hp.ddim_eta,
+                generator=generators_from_seeds(noise_seeds),
+                device=self.device,
+                callback=callback,
+                progress=progress,
+            )
+        finally:
+            net.train(was_training)
+        return images.clamp(-1, 1)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        images = self.generate(batch["noise_seed"], condition=self.network_condition(batch))
+        out = {"images": images, "index": batch["index"]}
+        if "label" in batch:
+            out["label"] = batch["label"]
+        return out

@@ -1,0 +1,150 @@
+"""DiffusionModule: the loss trains, the EMA follows the weights, sampling is reproducible."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from celldiff.module import DiffusionModule, _mix_seed, lr_factor
+
+TINY = dict(
+    image_size=16,
+    base_channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    num_heads=2,
+    dropout=0.0,
+    num_timesteps=100,
+)
+
+
+def tiny_module(**overrides) -> DiffusionModule:
+    torch.manual_seed(0)
+    return DiffusionModule(**{**TINY, **overrides})
+
+
+class FixedImages(L.LightningDataModule):
+    """A handful of real-looking images (smooth random blobs), repeated as one batch per step."""
+
+    def __init__(self, n: int = 8, size: int = 16, steps: int = 200) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        low = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+        self.images = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+        self.steps = steps
+
+    def train_dataloader(self):
+        items = [{"image": self.images, "label": torch.zeros(len(self.images), dtype=torch.long)}] * self.steps
+        return torch.utils.data.DataLoader(items, batch_size=None)
+
+
+def test_overfits_a_handful_of_images():
+    module = tiny_module(lr=3e-3, warmup_steps=10, lr_schedule="constant", ema_decay=0.9)
+    data = FixedImages(steps=300)
+    x0 = data.images
+    t = torch.arange(8) * 12  # fixed evaluation points
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return module.diffusion_loss(x0, t, noise, {}, module.unet).mean().item()
+
+    before = eval_loss()
+    trainer = L.Trainer(
+        max_steps=300, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    after = eval_loss()
+    # The zero-initialised output predicts eps = 0, so the loss starts at E[eps^2] = 1.
+    assert before == pytest.approx(1.0, abs=0.15)
+    assert after < 0.35 * before, (before, after)
+    assert int(module.ema_updates) == 300
+
+
+def test_ema_follows_weights_with_warmup():
+    module = tiny_module(ema_decay=0.999, ema_warmup=True)
+    raw = list(module.unet.parameters())
+    ema = list(module.ema_unet.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(raw, ema))
+    assert not any(p.requires_grad for p in ema)
+    with torch.no_grad():
+        for p in raw:
+            p.add_(1.0)
+    module.update_ema()  # n = 0: warm-up decay min(0.999, 1/10) = 0.1
+    for p_raw, p_ema, p_old in zip(raw, ema, [p - 1.0 for p in raw]):
+        torch.testing.assert_close(p_ema, 0.1 * p_old + 0.9 * p_raw)
+    assert int(module.ema_updates) == 1
+
+
+def test_ema_start_step_copies_weights():
+    module = tiny_module(ema_start_step=10)
+    with torch.no_grad():
+        for p in module.unet.parameters():
+            p.add_(0.5)
+    module.update_ema()  # global_step 0 <= start step: the EMA is a copy
+    assert all(torch.equal(a, b) for a, b in zip(module.unet.parameters(), module.ema_unet.parameters()))
+    assert int(module.ema_updates) == 0
+
+
+def test_checkpoint_holds_ema_and_counter():
+    module = tiny_module()
+    keys = module.state_dict().keys()
+    assert any(k.startswith("ema_unet.") for k in keys)
+    assert "ema_updates" in keys
+    assert not any(k.startswith("schedule.") for k in keys)  # recomputed from hyperparameters
+
+
+def test_noise_differs_per_rank_and_step(monkeypatch):
+    assert _mix_seed(0, 0, 0, 5) != _mix_seed(0, 1, 0, 5)
+    assert _mix_seed(0, 0, 0, 5) != _mix_seed(0, 0, 0, 6)
+    assert _mix_seed(3, 1, 2) == _mix_seed(3, 1, 2)
+    module = tiny_module()
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(DiffusionModule, "global_rank", property(lambda self, r=rank: r))
+        draws[rank] = torch.randn(4, generator=module._generator(0, 7, 0))
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_generate_is_reproducible_per_seed():
+    module = tiny_module()
+    with torch.no_grad():  # make the network non-trivial so images depend on it
+        for p in module.ema_unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    a = module.generate([11, 12, 13], sampler="ddim", steps=5)
+    b = module.generate([13, 99], sampler="ddim", steps=5)
+    c = module.generate([11, 12, 13], sampler="ddim", steps=5)
+    assert a.shape == (3, 3, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, c)
+    torch.testing.assert_close(a[2], b[0])  # image of seed 13, whatever its batch
+    assert not torch.allclose(a[0], a[1])
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_predict_step_returns_images_and_indices():
+    module = tiny_module(sampler="ddim", sampling_steps=3)
+    batch = {"index": torch.tensor([4, 5]), "noise_seed": torch.tensor([40, 50]), "label": torch.tensor([0, 1])}
+    out = module.predict_step(batch, 0)
+    assert out["images"].shape == (2, 3, 16, 16)
+    assert out["index"].tolist() == [4, 5]
+
+
+def test_bad_hyperparameters_are_rejected():
+    with pytest.raises(ValueError, match="sampler"):
+        tiny_module(sampler="euler")
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny_module(ema_decay=1.0)
+
+
+def test_lr_warmup_then_cosine():
+    lrs = [lr_factor(step, warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1) for step in range(111)]
+    assert lrs[0] == pytest.approx(0.1)  # (0 + 1) / 10 of the peak
+    assert lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_factor(500, 10, 110, "constant", 0.1) == 1.0
