@@ -162,9 +162,10 @@ class CellDiffCLI(LightningCLI):
         model_cls = _import(class_path)
         keys = getattr(model_cls, "CHECKPOINT_ARCH_KEYS", ())
         init_args = {k: hparams[k] for k in keys if k in hparams}
-        self.config = self.parser.parse_object(
-            {sub: {"model": {"class_path": class_path, "init_args": init_args}}}, self.config
-        )
+        update: dict[str, Any] = {"model": {"class_path": class_path, "init_args": init_args}}
+        if "image_size" in hparams:  # the data must match the network the checkpoint holds
+            update["data"] = {"image_size": hparams["image_size"]}
+        self.config = self.parser.parse_object({sub: update}, self.config)
 
     # ------------------------------------------------------------------ run directory
     def before_instantiate_classes(self) -> None:
@@ -261,6 +262,15 @@ class CellDiffCLI(LightningCLI):
                 args.resume = "allow"
         return value
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            # A value the classes reject (jsonargparse wraps it in a Union report): one clear line.
+            lines = [line.strip(" -") for line in str(err).splitlines() if line.strip()]
+            reasons = [line for line in lines if not line.startswith(("Does not validate", "Subtypes", "Errors", "Given", "Expected a"))]
+            raise UsageError(f"invalid configuration: {reasons[0] if reasons else lines[0]}") from None
+
     # ------------------------------------------------------------------ trainer
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config_init[self.subcommand]
@@ -280,9 +290,28 @@ def _import(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _default_logger_save_dir(args: list[str]) -> list[str]:
+    """Let ``--trainer.logger CSVLogger`` (or TensorBoardLogger) work without a ``save_dir``.
+
+    Those loggers require ``save_dir`` at parse time although celldiff always points it at the run
+    directory; give them a placeholder that ``before_instantiate_classes`` replaces.
+    """
+    if any(a.startswith("--trainer.logger.save_dir") or a.startswith("--trainer.logger.init_args.save_dir") for a in args):
+        return args
+    out = list(args)
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--trainer.logger=") else None
+        if arg == "--trainer.logger" and i + 1 < len(args):
+            value = args[i + 1]
+        if value and value.split(".")[-1] in ("CSVLogger", "TensorBoardLogger"):
+            out.append(f"--trainer.logger.save_dir={RUNS_ROOT}")
+    return out
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``celldiff`` console script."""
     torch.set_float32_matmul_precision("high")
+    args = _default_logger_save_dir(sys.argv[1:] if args is None else args)
     try:
         CellDiffCLI(args=args)
     except (DataError, UsageError) as err:

@@ -1,0 +1,190 @@
+"""The ``celldiff`` command line: configs parse, fit → predict round trip, resume, clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from celldiff.cli import main
+from tests.conftest import REPO, TINY_MODEL_ARGS
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def run_cli(args: list[str], cwd: Path) -> None:
+    """Run the CLI in-process from ``cwd`` (run directories are relative to it)."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        main(args)
+    finally:
+        os.chdir(old)
+
+
+def run_subprocess(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "celldiff.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def fit_args(sample: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / "demo.yaml"),
+        "--data.data_dir", str(sample),
+        "--data.batch_size", "16",
+        "--run_dir", str(run_dir),
+        "--trainer.max_epochs", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.callbacks+=celldiff.callbacks.SampleGrid",
+        "--trainer.callbacks.every_n_epochs", "1",
+        "--trainer.callbacks.num_samples", "4",
+        "--trainer.callbacks.steps", "3",
+        *TINY_MODEL_ARGS,
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["celldiff"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_print_config_for_every_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("celldiff.")
+    # image_size, num_classes and class_names come from the data module (linked), not the config.
+    assert "image_size" not in printed["model"]["init_args"]
+    assert printed["data"]["image_size"] in (16, 32, 64)
+
+
+def test_fit_then_predict_round_trip(small_sample, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(fit_args(small_sample, run_dir), tmp_path)
+    # Everything of the run is in its directory.
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "metrics.csv").is_file()
+    split = yaml.safe_load((run_dir / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 64
+    grids = sorted((run_dir / "samples").glob("epoch*.png"))
+    assert len(grids) == 2
+    metrics = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss" in metrics and "val/loss" in metrics and "val/loss_t0000-0012" in metrics
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert any(k.startswith("ema_unet.") for k in ckpt["state_dict"])
+
+    out = tmp_path / "samples"
+    predict = ["predict", "--config", str(REPO / "configs" / "demo.yaml"), "--ckpt_path",
+               str(run_dir / "checkpoints" / "last.ckpt"), "--output_dir", str(out), "--num_samples", "5",
+               "--seed", "3", "--model.sampler", "ddim", "--model.sampling_steps", "4",
+               "--trainer.enable_progress_bar", "false", "--data.data_dir", str(small_sample)]  # fmt: skip
+    run_cli(predict, tmp_path)
+    files = sorted(out.glob("sample_*.png"))
+    assert [f.name for f in files] == [f"sample_{i:05d}.png" for i in range(5)]
+    assert (out / "grid.png").is_file()
+    first = np.asarray(Image.open(files[0]))
+    assert first.shape == (16, 16, 3) and first.dtype == np.uint8
+
+    # Same seed, other batch size: the same images.
+    out2 = tmp_path / "samples2"
+    predict2 = [a if a != str(out) else str(out2) for a in predict] + ["--data.batch_size", "2"]
+    run_cli(predict2, tmp_path)
+    for i in range(5):
+        a = np.asarray(Image.open(out / f"sample_{i:05d}.png"))
+        b = np.asarray(Image.open(out2 / f"sample_{i:05d}.png"))
+        assert np.array_equal(a, b)
+
+    # The output directory is never overwritten.
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(predict, tmp_path)
+    assert exit_info.value.code == 2
+
+
+def test_resume_last_continues_the_run(small_sample, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(fit_args(small_sample, run_dir), tmp_path)
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    run_cli(fit_args(small_sample, run_dir, "--ckpt_path", "last", "--trainer.max_epochs", "3"), tmp_path)
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert second["epoch"] == first["epoch"] + 1
+    assert second["global_step"] > first["global_step"]
+    assert int(second["state_dict"]["ema_updates"]) > int(first["state_dict"]["ema_updates"])
+    # The original config is kept; the resumed one is saved beside it.
+    assert (run_dir / "config.yaml").is_file()
+    assert len(list(run_dir.glob("config.resumed-*.yaml"))) == 1
+
+
+def test_existing_run_dir_is_not_overwritten(small_sample, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("precious: true\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fit_args(small_sample, run_dir), tmp_path)
+    assert exit_info.value.code == 2
+    assert (run_dir / "config.yaml").read_text() == "precious: true\n"
+
+
+def test_bf16_mixed_on_cpu(small_sample, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(fit_args(small_sample, run_dir, "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1"), tmp_path)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    "make_dir, expected",
+    [
+        (lambda tmp: tmp / "does-not-exist", "does not exist"),
+        (lambda tmp: tmp, "class"),
+    ],
+    ids=["missing", "no-class-folders"],
+)
+def test_bad_data_dir_is_one_clear_line(tmp_path, make_dir, expected):
+    data_dir = make_dir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    result = run_subprocess(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.data_dir", str(data_dir),
+                             "--run_dir", str(tmp_path / "run")], tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("celldiff: error:")]
+    assert len(error_lines) == 1 and str(data_dir) in error_lines[0] and expected in error_lines[0].lower()
+
+
+def test_wrong_key_gets_a_clear_message(tmp_path):
+    result = run_subprocess(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--model.base_chanels", "8"], tmp_path)
+    assert result.returncode != 0
+    assert "base_chanels" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_subcommands(tmp_path):
+    result = run_subprocess(["--help"], tmp_path, timeout=120)
+    assert result.returncode == 0
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in result.stdout
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(small_sample, tmp_path):
+    run_dir = tmp_path / "run"
+    args = fit_args(small_sample, run_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--trainer.max_epochs", "1")  # fmt: skip
+    result = run_subprocess(args, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run_dir / "samples").glob("epoch*.png"))) == 1
