@@ -1,0 +1,31 @@
+"""The notebooks run top to bottom (slow: CI runs them through `make test-slow`)."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from tests.conftest import REPO, TINY_MODEL_ARGS
+
+
+def execute(name: str, parameters: str, tmp_path) -> nbformat.NotebookNode:
+    """Execute notebooks/<name>.ipynb with ``parameters`` appended to its parameter cell."""
+    nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    code_cells[0].source += "\n" + parameters
+    client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}})
+    client.execute()
+    nbformat.write(nb, tmp_path / f"{name}.executed.ipynb")
+    return nb
+
+
+@pytest.mark.slow
+def test_notebook_01_trains_demo_when_no_checkpoint(tmp_path):
+    overrides = [*TINY_MODEL_ARGS, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"]
+    params = f"DEMO_RUN_DIR = {str(tmp_path / 'run')!r}\nDEMO_OVERRIDES = {overrides!r}\nSAMPLING_STEPS = 5\nNUM_SAMPLES = 4\n"
+    nb = execute("01_unconditional_diffusion", params, tmp_path)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # forward process, schedules, loss, samples, real, reverse strip
