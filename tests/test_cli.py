@@ -188,3 +188,20 @@ def test_ddp_two_processes_on_cpu(small_sample, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run_dir / "samples").glob("epoch*.png"))) == 1
+
+
+def test_wandb_without_api_key_goes_offline_with_one_warning(small_sample, tmp_path):
+    run_dir = tmp_path / "run"
+    env_home = tmp_path / "home"
+    env_home.mkdir()
+    args = fit_args(small_sample, run_dir, "--trainer.logger", "WandbLogger", "--trainer.max_epochs", "1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(env_home), PYTHONWARNINGS="default")
+    result = subprocess.run([sys.executable, "-m", "celldiff.cli", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("W&B runs offline") == 1
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert offline_runs[0].name.endswith(run_id)
