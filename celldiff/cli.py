@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from celldiff.callbacks import PredictionWriter, SaveSplit
 from celldiff.data import CellDataModule, DataError
+from celldiff.module import NonFiniteLossError
 
 RUNS_ROOT = "runs"
 
@@ -317,6 +318,9 @@ def main(args: list[str] | None = None) -> None:
     except (DataError, UsageError) as err:
         print(f"celldiff: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f"celldiff: error: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

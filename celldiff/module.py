@@ -26,6 +26,11 @@ from celldiff.unet import UNet
 # (fine detail) and large t (global structure) move very differently during training.
 TIMESTEP_BUCKETS = 4
 SAMPLERS = ("ddpm", "ddim")
+NONFINITE_POLICIES = ("error", "skip", "ignore")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
 
 
 def _mix_seed(*parts: int) -> int:
@@ -88,6 +93,11 @@ class DiffusionModule(L.LightningModule):
         ddim_eta: DDIM stochasticity (0 = deterministic).
         use_ema: Sample with the EMA weights (validation grids, predict).
         noise_seed: Seed of the training/validation noise and timesteps; offset by rank and step.
+        nonfinite_loss: What a NaN/inf training loss does: ``error`` stops the run with a message
+            naming the step (checked one step late, so it costs no host-device sync), ``skip``
+            skips that optimizer step on every rank (one sync per step), ``ignore`` trains on.
+        channels_last: Run the U-Net in channels-last memory format (faster convolutions on GPUs).
+        compile: ``torch.compile`` the U-Net for training (the first steps are slow while it compiles).
     """
 
     # Hyperparameters that fix the parameter shapes and the diffusion process: the CLI takes them
@@ -134,12 +144,17 @@ class DiffusionModule(L.LightningModule):
         ddim_eta: float = 0.0,
         use_ema: bool = True,
         noise_seed: int = 0,
+        nonfinite_loss: str = "error",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"model.lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"model.nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
         self.save_hyperparameters()
@@ -161,6 +176,20 @@ class DiffusionModule(L.LightningModule):
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._pending_finite: tuple[int, Tensor, Tensor] | None = None  # (step, flag, loss) to check
+        self._compiled: dict[str, nn.Module] = {}  # kept out of the state dict
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.ema_unet.to(memory_format=torch.channels_last)
+        if self.hparams.compile and stage == "fit" and "unet" not in self._compiled:
+            self._compiled["unet"] = torch.compile(self.unet)
+
+    @property
+    def train_network(self) -> nn.Module:
+        """The network the training step runs: the compiled U-Net when ``compile`` is on."""
+        return self._compiled.get("unet", self.unet)
 
     # ------------------------------------------------------------------ conditioning hooks
     @property
@@ -179,7 +208,10 @@ class DiffusionModule(L.LightningModule):
 
     def network_forward(self, net: nn.Module, x_t: Tensor, t: Tensor, **condition: Any) -> Tensor:
         """Run ``net`` on ``x_t``; subclasses concatenate condition channels here."""
-        return net(x_t, t, class_labels=condition.get("class_labels"))
+        return net(self._layout(x_t), t, class_labels=condition.get("class_labels"))
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     # ------------------------------------------------------------------ randomness
     def _generator(self, *seed_parts: int) -> torch.Generator:
@@ -210,9 +242,43 @@ class DiffusionModule(L.LightningModule):
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
         condition = self.network_condition(batch)
-        loss = self.diffusion_loss(x0, t, noise, condition, self.unet).mean()
+        loss = self.diffusion_loss(x0, t, noise, condition, self.train_network).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return self._guard_nonfinite(loss)
+
+    def _guard_nonfinite(self, loss: Tensor) -> Tensor | None:
+        policy = self.hparams.nonfinite_loss
+        if policy == "ignore":
+            return loss
+        finite = torch.isfinite(loss.detach())
+        if policy == "skip":
+            # Every rank must agree, or DDP would wait forever for the rank that skipped.
+            all_finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+            if not bool(all_finite):
+                self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
+                self.print(f"celldiff: non-finite loss at step {self.global_step}; step skipped")
+                return None
+            return loss
+        # "error": copy the flag to the host without waiting, and look at it next step, when it
+        # has long arrived; raising then stops the run before a second bad step.
+        self._check_pending_finite()
+        self._pending_finite = (self.global_step, finite.to("cpu", non_blocking=True), loss.detach())
         return loss
+
+    def _check_pending_finite(self) -> None:
+        if self._pending_finite is None:
+            return
+        step, flag, loss = self._pending_finite
+        self._pending_finite = None
+        if not bool(flag):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {step}: stopping (lower model.lr, use "
+                "--trainer.precision 32-true or bf16-mixed, or set model.nonfinite_loss skip)"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.nonfinite_loss == "error":
+            self._check_pending_finite()
 
     def _stratified_timesteps(self, batch_size: int, device: torch.device) -> Tensor:
         """Evenly spread timesteps over [0, T): a low-variance, repeatable validation estimate."""

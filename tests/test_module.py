@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from celldiff.module import DiffusionModule, _mix_seed, lr_factor
+from celldiff.module import DiffusionModule, NonFiniteLossError, _mix_seed, lr_factor
 
 TINY = dict(
     image_size=16,
@@ -148,3 +148,36 @@ def test_lr_warmup_then_cosine():
     assert lrs[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lr_factor(500, 10, 110, "constant", 0.1) == 1.0
+
+
+class Exploding(FixedImages):
+    """Images that turn to NaN at batch ``bad``."""
+
+    def __init__(self, bad: int, steps: int = 6) -> None:
+        super().__init__(steps=steps)
+        self.bad = bad
+
+    def train_dataloader(self):
+        items = [{"image": self.images.clone(), "label": torch.zeros(8, dtype=torch.long)} for _ in range(self.steps)]
+        items[self.bad]["image"][0, 0, 0, 0] = float("nan")
+        return torch.utils.data.DataLoader(items, batch_size=None)
+
+
+def _trainer(steps: int) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step():
+    module = tiny_module(nonfinite_loss="error")
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        _trainer(6).fit(module, datamodule=Exploding(bad=3))
+    assert module.global_step == 4  # stopped right after the bad step, not at the end
+
+
+def test_nonfinite_loss_skip_keeps_weights_finite():
+    module = tiny_module(nonfinite_loss="skip")
+    _trainer(6).fit(module, datamodule=Exploding(bad=3))
+    assert module._skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.unet.parameters())
+    assert all(torch.isfinite(p).all() for p in module.ema_unet.parameters())
