@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from celldiff.masks import inpainting_condition
 from celldiff.sampler import sample as run_sampler
 from celldiff.schedule import NoiseSchedule
 from celldiff.unet import UNet
@@ -88,6 +89,15 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: Use the decay warm-up ``min(decay, (1 + n) / (10 + n))`` so early EMA weights
             are not dominated by the random initialisation.
         ema_start_step: Optimizer steps before the EMA starts averaging (until then it copies).
+        inpainting: Phase 2: the U-Net also sees the masked image and the mask
+            (``cat(x_t, masked_image, mask)``, 2 * image_channels + 1 input channels) and the
+            batches must carry masks (``data.masks``). Any model inpaints by replacement at
+            sampling when the batch has a mask; this one is trained for it.
+        mask_loss_weight: Inpainting: weight of the squared error inside the mask relative to
+            outside (1 = plain MSE over the whole image; e.g. 10 stresses the missing region).
+        loss_on_mask_only: Inpainting: compute the loss inside the mask only.
+        resample_jump: RePaint jump length (reverse steps) when inpainting at sampling.
+        resample_times: RePaint resamplings per jump (1 = plain replacement).
         sampler: ``ddpm`` (ancestral, Ho et al. Alg. 2) or ``ddim`` (Song et al.).
         sampling_steps: Reverse steps; ``None`` means T for ``ddpm`` and 50 for ``ddim``.
         ddim_eta: DDIM stochasticity (0 = deterministic).
@@ -112,6 +122,7 @@ class DiffusionModule(L.LightningModule):
         "num_heads",
         "beta_schedule",
         "num_timesteps",
+        "inpainting",
     )
 
     def __init__(
@@ -129,6 +140,11 @@ class DiffusionModule(L.LightningModule):
         dropout: float = 0.1,
         beta_schedule: str = "linear",
         num_timesteps: int = 1000,
+        inpainting: bool = False,
+        mask_loss_weight: float = 1.0,
+        loss_on_mask_only: bool = False,
+        resample_jump: int = 1,
+        resample_times: int = 1,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -155,6 +171,10 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"model.lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"model.nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
+        if mask_loss_weight <= 0:
+            raise ValueError(f"model.mask_loss_weight must be > 0, got {mask_loss_weight}")
+        if resample_jump < 1 or resample_times < 1:
+            raise ValueError("model.resample_jump and model.resample_times must be >= 1")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
         self.save_hyperparameters()
@@ -191,23 +211,31 @@ class DiffusionModule(L.LightningModule):
         """The network the training step runs: the compiled U-Net when ``compile`` is on."""
         return self._compiled.get("unet", self.unet)
 
-    # ------------------------------------------------------------------ conditioning hooks
+    # ------------------------------------------------------------------ conditioning
     @property
     def network_in_channels(self) -> int:
-        """Channels the U-Net sees; the inpainting module adds its condition channels."""
-        return self.hparams.image_channels
-
-    def _class_labels(self, batch: dict[str, Tensor]) -> Tensor | None:
-        if not self.hparams.class_conditional:
-            return None
-        return batch["label"]
+        """Channels the U-Net sees: x_t, plus masked image and mask when inpainting."""
+        channels = self.hparams.image_channels
+        return 2 * channels + 1 if self.hparams.inpainting else channels
 
     def network_condition(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        """Extra network inputs for a batch (labels here; masks in the inpainting module)."""
-        return {"class_labels": self._class_labels(batch)}
+        """What the sampler and the loss condition on, from a batch: labels, known image, mask."""
+        condition: dict[str, Any] = {"class_labels": batch["label"] if self.hparams.class_conditional else None}
+        if "mask" in batch:
+            condition["known"] = batch["image"]
+            condition["mask"] = batch["mask"]
+        elif self.hparams.inpainting:
+            raise KeyError(
+                "an inpainting model needs a mask with every image: set data.masks (e.g. --data.masks box) "
+                "or give --data.predict_masks"
+            )
+        return condition
 
     def network_forward(self, net: nn.Module, x_t: Tensor, t: Tensor, **condition: Any) -> Tensor:
-        """Run ``net`` on ``x_t``; subclasses concatenate condition channels here."""
+        """Run ``net`` on ``x_t`` with its conditioning (inpainting: 7-channel input)."""
+        if self.hparams.inpainting:
+            extra = inpainting_condition(condition["known"], condition["mask"]).to(x_t.dtype)
+            x_t = torch.cat([x_t, extra], dim=1)
         return net(self._layout(x_t), t, class_labels=condition.get("class_labels"))
 
     def _layout(self, x: Tensor) -> Tensor:
@@ -231,10 +259,20 @@ class DiffusionModule(L.LightningModule):
     def diffusion_loss(
         self, x0: Tensor, t: Tensor, noise: Tensor, condition: dict[str, Any], net: nn.Module
     ) -> Tensor:
-        """Per-sample ε-prediction MSE (Ho et al. eq. 14), in float32. Returns shape (B,)."""
+        """Per-sample ε-prediction MSE (Ho et al. eq. 14), in float32. Returns shape (B,).
+
+        When inpainting with ``mask_loss_weight != 1`` or ``loss_on_mask_only``, a per-pixel
+        weighted mean: weight 1 outside the mask and ``mask_loss_weight`` inside (or 0 / 1).
+        """
+        hp = self.hparams
         x_t = self.schedule.q_sample(x0, t, noise)
         eps = self.network_forward(net, x_t, t, **condition)
-        return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+        error = F.mse_loss(eps.float(), noise.float(), reduction="none")
+        if not hp.inpainting or (hp.mask_loss_weight == 1.0 and not hp.loss_on_mask_only):
+            return error.flatten(1).mean(1)
+        mask = condition["mask"].float().expand_as(error)
+        weight = mask if hp.loss_on_mask_only else 1.0 + (hp.mask_loss_weight - 1.0) * mask
+        return (weight * error).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x0 = batch["image"]
@@ -410,12 +448,24 @@ class DiffusionModule(L.LightningModule):
                 eta=hp.ddim_eta,
                 generator=generators_from_seeds(noise_seeds),
                 device=self.device,
+                **self._inpainting_kwargs(condition or {}),
                 callback=callback,
                 progress=progress,
             )
         finally:
             net.train(was_training)
         return images.clamp(-1, 1)
+
+    def _inpainting_kwargs(self, condition: dict[str, Any]) -> dict[str, Any]:
+        """Replacement (and RePaint) arguments of the sampler when the condition has a mask."""
+        if "mask" not in condition:
+            return {}
+        return {
+            "known": condition["known"].float(),
+            "missing_mask": condition["mask"],
+            "resample_jump": self.hparams.resample_jump,
+            "resample_times": self.hparams.resample_times,
+        }
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images = self.generate(batch["noise_seed"], condition=self.network_condition(batch))

@@ -1,0 +1,1073 @@
+"""Blood-cell images in, uint8 batches out.
+
+Flow: ``scan_dataset`` (stat only) → ``load_cache`` / ``build_cache`` (every usable image decoded
+once into an (N, S, S, 3) uint8 ``.npy``, memory-mapped afterwards) → ``make_split`` /
+``load_split`` (seeded, stratified, byte-identical files kept together) → ``CellImageDataset``
+(memmap slices + dihedral augmentation) → ``CellDataModule``.
+
+The pure functions need no Lightning; notebooks and benchmarks use them directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import struct
+import sys
+import uuid
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+CACHE_FORMAT_VERSION = 1  # bump whenever decoding changes, so old caches are not reused
+SPLIT_NAMES = ("train", "val", "test")
+PREDICT_SOURCES = ("noise", *SPLIT_NAMES)
+_LAYOUT_HINT = (
+    "expected one folder per cell class, e.g. basophil/ eosinophil/ …, or the Mendeley PBC_dataset_normal_DIB zip"
+)
+
+
+class DataError(ValueError):
+    """Bad user input about the data, as one line: what was wrong, where, what was expected."""
+
+
+class CellDataWarning(UserWarning):
+    """A data problem that was worked around (skipped files, duplicates across classes)."""
+
+
+class UnusableImageError(ValueError):
+    """``load_image`` could not use a file; ``reason`` is a short phrase such as "not an image"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------- scanning
+
+
+def _is_hidden(name: str) -> bool:
+    # Covers .DS_Store, ._AppleDouble files, .ipynb_checkpoints and macOS zip junk.
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image_name(name: str) -> bool:
+    stem, dot, suffix = name.rpartition(".")
+    return bool(stem) and not name.startswith(".") and dot + suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """What ``scan_dataset`` found, without opening any image.
+
+    ``relpaths`` are ``"<class>/<file>"`` relative to the folder holding the class folders, so a
+    split file fits the folder and the zip of the same data alike.
+    """
+
+    source: Path  # resolved folder or .zip file
+    prefix: str  # "" or "PBC_dataset_normal_DIB/": where the class folders sit inside source
+    class_names: tuple[str, ...]
+    relpaths: tuple[str, ...]
+    labels: tuple[int, ...]
+    stamps: tuple[str, ...]  # size:mtime (folder) or size:crc:date (zip member), for the cache key
+    source_stamp: str = ""  # zip size:mtime; "" for folders
+    empty_classes: tuple[str, ...] = ()
+
+    @property
+    def is_zip(self) -> bool:
+        return self.source.is_file()
+
+    def reader(self) -> contextlib.AbstractContextManager[Callable[[str], bytes]]:
+        """``with scan.reader() as read: read(relpath) -> bytes`` (a zip is opened once)."""
+        return _open_reader(str(self.source), self.prefix, self.is_zip)
+
+
+@contextlib.contextmanager
+def _open_reader(source: str, prefix: str, is_zip: bool) -> Iterator[Callable[[str], bytes]]:
+    if is_zip:
+        # One handle per chunk of work: ZipFile reads must not interleave across threads.
+        with zipfile.ZipFile(source) as archive:
+            yield lambda rel: archive.read(prefix + rel)
+    else:
+        base = os.path.join(source, prefix)
+
+        def read(rel: str) -> bytes:
+            with open(os.path.join(base, rel), "rb") as handle:
+                return handle.read()
+
+        yield read
+
+
+def _list_folder(root: Path) -> tuple[dict[str, list[tuple[str, str]]], set[str], bool]:
+    """Images (name, stamp) by parent folder for depth 1 and 2 below ``root`` + all folders."""
+    images: dict[str, list[tuple[str, str]]] = {}
+    folders: set[str] = set()
+
+    def visit(rel: str, depth: int) -> None:
+        with os.scandir(root / rel if rel else root) as entries:
+            for entry in entries:
+                if _is_hidden(entry.name):
+                    continue
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir():
+                    folders.add(child)
+                    if depth < 2:
+                        visit(child, depth + 1)
+                elif depth > 0 and _is_image_name(entry.name) and entry.is_file():
+                    stat = entry.stat()
+                    images.setdefault(rel, []).append((entry.name, f"{stat.st_size}:{stat.st_mtime_ns}"))
+
+    visit("", 0)
+    return images, folders, False
+
+
+def _list_zip(path: Path) -> tuple[dict[str, list[tuple[str, str]]], set[str], bool]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DataError(f"cannot read zip file {path}: {error}; {_LAYOUT_HINT}") from None
+    images: dict[str, list[tuple[str, str]]] = {}
+    folders: set[str] = set()
+    for info in infos:
+        parts = info.filename.rstrip("/").split("/")
+        if any(_is_hidden(part) for part in parts):
+            continue
+        dirs = parts if info.is_dir() else parts[:-1]
+        folders.update("/".join(dirs[: i + 1]) for i in range(min(len(dirs), 2)))
+        if not info.is_dir() and len(parts) in (2, 3) and _is_image_name(parts[-1]):
+            stamp = f"{info.file_size}:{info.CRC}:{info.date_time}"
+            images.setdefault("/".join(parts[:-1]), []).append((parts[-1], stamp))
+    return images, folders, True
+
+
+def scan_dataset(data_dir: str | os.PathLike[str], classes: Sequence[str] | None = None) -> Scan:
+    """Find the class folders and image files of a PBC-style dataset (stats files, opens none).
+
+    Args:
+        data_dir: A folder holding one folder per class, such a folder nested one level deeper
+            (``root/PBC_dataset_normal_DIB/<class>/``), or a ``.zip`` of either layout.
+        classes: Optional subset of class names; labels are indices into the sorted subset.
+
+    Raises:
+        DataError: missing path, no class folders, ambiguous nesting or an unknown class.
+    """
+    path = Path(data_dir).expanduser()  # messages name the path as the user gave it
+    if not path.exists():
+        raise DataError(f"data_dir {path} does not exist (resolved to {path.absolute()}); {_LAYOUT_HINT}")
+    resolved = path.resolve()  # the cache key must not depend on the working directory
+    if resolved.is_dir():
+        images, folders, is_zip = _list_folder(resolved)
+    elif zipfile.is_zipfile(resolved):
+        images, folders, is_zip = _list_zip(resolved)
+    else:
+        raise DataError(f"data_dir {path} is neither a folder nor a .zip file; {_LAYOUT_HINT}")
+
+    top = sorted(f for f in folders if "/" not in f)
+    prefix = ""
+    found = {f: images[f] for f in top if images.get(f)}
+    if found:
+        empty = [f for f in top if f not in found]
+    else:
+        # No images directly in top-level folders: look one level deeper (Mendeley's layout).
+        holders = sorted({f.split("/")[0] for f in images if f.count("/") == 1})
+        if len(holders) > 1:
+            raise DataError(
+                f"data_dir {path} holds class folders in several subfolders "
+                f"({', '.join(holders)}); point data_dir at one of them"
+            )
+        if not holders:
+            raise DataError(f"data_dir {path} holds no class folders with images; {_LAYOUT_HINT}")
+        prefix = holders[0] + "/"
+        inner = sorted(f for f in folders if f.startswith(prefix) and f.count("/") == 1)
+        found = {f[len(prefix) :]: images[f] for f in inner if images.get(f)}
+        empty = [f[len(prefix) :] for f in inner if not images.get(f)]
+
+    names = sorted(found)
+    if classes is not None:
+        unknown = [c for c in classes if c not in found]
+        if unknown or not classes:
+            what = f"unknown class {unknown[0]!r}" if unknown else "empty class list"
+            raise DataError(f"{what} in classes for {path}; valid: {', '.join(names)}")
+        names = sorted(set(classes))
+    entries = [
+        (f"{name}/{file}", label, stamp) for label, name in enumerate(names) for file, stamp in sorted(found[name])
+    ]
+    stat = resolved.stat()
+    return Scan(
+        source=resolved,
+        prefix=prefix,
+        class_names=tuple(names),
+        relpaths=tuple(e[0] for e in entries),
+        labels=tuple(e[1] for e in entries),
+        stamps=tuple(e[2] for e in entries),
+        source_stamp=f"{stat.st_size}:{stat.st_mtime_ns}" if is_zip else "",
+        empty_classes=tuple(empty),
+    )
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Make PIL raise on truncated files instead of padding them grey; restore the caller's value."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    if not previous:  # the usual case: touch nothing, so concurrent threads cannot race on it
+        yield
+        return
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _wide_to_uint8(image: Image.Image) -> Image.Image:
+    """Scale 16-bit / 32-bit / float grey to 8 bit over its nominal range (not by clipping)."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.min() >= 0 and values.max() <= 65535):
+        values = values / 257.0  # 65535 → 255: the nominal 16-bit range
+    elif image.mode == "F" and values.min() >= 0 and values.max() <= 1:
+        values = values * 255.0
+    else:  # signed or out-of-range data has no nominal range: stretch what is there
+        low, high = values.min(), values.max()
+        values = (values - low) * (255.0 / max(high - low, 1e-12))
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _wide_to_uint8(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Transparent pixels become white, like the slide background, not black.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # 1, L, P, CMYK, YCbCr, RGBX
+
+
+def load_image(source: bytes | str | os.PathLike[str] | BinaryIO, image_size: int) -> np.ndarray:
+    """Decode one image to a centre-cropped, resized RGB array.
+
+    JPEGs are decoded with DCT scaling (``draft``) to the smallest size still ≥ ``image_size``,
+    which is several times faster than a full decode; the min-side square is then resized with
+    antialiased bicubic. EXIF orientation is ignored: cells have no orientation.
+
+    Args:
+        source: Encoded bytes, a path, or a binary file object.
+        image_size: Side S of the square output.
+
+    Returns:
+        uint8 array of shape (S, S, 3).
+
+    Raises:
+        UnusableImageError: empty, not an image, truncated or corrupt, with a short reason.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            source = Path(source).read_bytes()
+        except OSError as error:
+            raise UnusableImageError(f"unreadable ({error.strerror or error})") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise UnusableImageError("empty file")
+        source = io.BytesIO(source)
+    with _strict_truncation():
+        try:
+            image = Image.open(source)
+        except UnidentifiedImageError:
+            raise UnusableImageError("not an image") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            truncated = "truncated" in str(error).lower()  # e.g. cut inside the header
+            raise UnusableImageError("truncated image" if truncated else f"unreadable image ({error})") from None
+        with image:
+            kind = image.format or "image"
+            width, height = float(image.size[0]), float(image.size[1])
+            try:
+                if kind == "JPEG" and min(width, height) > image_size:
+                    drafted = image.draft("RGB", (image_size, image_size))
+                    if drafted is not None:  # the part of the reduced image that holds data
+                        width, height = drafted[1][2], drafted[1][3]
+                image.load()
+                rgb = _to_rgb(image)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                if "truncated" in str(error).lower() or "broken data stream" in str(error):
+                    raise UnusableImageError(f"truncated {kind}") from None
+                raise UnusableImageError(f"corrupt {kind} ({error})") from None
+            if width < 1 or height < 1:
+                raise UnusableImageError("empty image (0 pixels)")
+            side = min(width, height)
+            left, top = (width - side) / 2, (height - side) / 2
+            if (width, height) == rgb.size:  # not drafted: whole-pixel offsets keep a same-size crop exact
+                left, top = float(int(left)), float(int(top))
+            box = (left, top, left + side, top + side)
+            if box != (0, 0, image_size, image_size) or rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            return np.array(rgb, dtype=np.uint8)
+
+
+# -------------------------------------------------------------------------------------- cache
+
+
+@dataclasses.dataclass
+class CachedData:
+    """The decoded dataset: ``images[i]`` is ``relpaths[i]`` with label ``labels[i]``."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8, a read-only memmap when loaded from disk
+    labels: np.ndarray  # (N,) int64
+    relpaths: list[str]
+    sha256: list[str]
+    class_names: list[str]
+    skipped: list[tuple[str, str]]  # (relpath, reason) of unusable files
+    image_size: int
+    path: Path | None = None  # the .npy file
+
+
+def default_cache_dir() -> Path:
+    """``$CELLDIFF_CACHE_DIR`` if set, else ``~/.cache/celldiff``."""
+    return Path(os.environ.get("CELLDIFF_CACHE_DIR") or Path.home() / ".cache" / "celldiff")
+
+
+def cache_key(scan: Scan, image_size: int) -> str:
+    """Hash of everything the cached pixels depend on; any touched file gives a new key."""
+    payload = [
+        CACHE_FORMAT_VERSION,
+        str(scan.source),
+        scan.source_stamp,
+        scan.prefix,
+        scan.class_names,
+        image_size,
+        scan.relpaths,
+        scan.stamps,
+    ]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
+
+
+def cache_paths(scan: Scan, image_size: int, cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
+    """(images .npy, metadata .json) for this scan; the JSON is written last and marks completion."""
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    stem = f"{scan.source.stem}-{image_size}px-{cache_key(scan, image_size)}"
+    return folder / f"{stem}.npy", folder / f"{stem}.json"
+
+
+def _warn_skipped(
+    source: Path, skipped: Sequence[tuple[str, str]], empty: Sequence[str], metadata: Path | None
+) -> None:
+    parts = []
+    if skipped:
+        shown = ", ".join(f"{rel} ({reason})" for rel, reason in skipped[:5])
+        more = ", …" if len(skipped) > 5 else ""
+        where = f" (full list in {metadata})" if metadata and len(skipped) > 5 else ""
+        parts.append(
+            f"skipped {len(skipped)} unusable file{'s' * (len(skipped) != 1)} in {source}: {shown}{more}{where}"
+        )
+    if empty:
+        parts.append(
+            f"ignored {len(empty)} class folder{'s' * (len(empty) != 1)} without "
+            f"images: {', '.join(e + '/' for e in empty)}"
+        )
+    if parts:
+        warnings.warn("celldiff: " + "; ".join(parts), CellDataWarning, stacklevel=3)
+
+
+def _decode_chunk(
+    source: tuple[str, str, bool], relpaths: list[str], image_size: int
+) -> tuple[np.ndarray, list[tuple[str, str | None]]]:
+    """Decode ``relpaths``: (pixels of the usable ones, (sha256, reason or None) per file)."""
+    pixels = np.empty((len(relpaths), image_size, image_size, 3), dtype=np.uint8)
+    results: list[tuple[str, str | None]] = []
+    usable = 0
+    with _open_reader(*source) as read, _strict_truncation():
+        for rel in relpaths:
+            try:
+                data = read(rel)
+            except (OSError, zipfile.BadZipFile, zlib.error) as error:
+                results.append(("", f"unreadable ({error})"))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            try:
+                pixels[usable] = load_image(data, image_size)
+                usable += 1
+                results.append((digest, None))
+            except UnusableImageError as error:
+                results.append((digest, error.reason))
+    return pixels[:usable], results
+
+
+def _make_pool(workers: int) -> Executor:
+    # Processes scale on small images, where PIL's Python-side header parsing holds the GIL; fork
+    # keeps start-up near free. Elsewhere threads still overlap the C decode (PIL drops the GIL).
+    if sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(workers)
+
+
+def _npy_header(shape: tuple[int, ...], length: int = 128) -> bytes:
+    """A fixed-length .npy v1.0 header, so pixels can be streamed before the final count is known."""
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": shape})
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", length - 10) + text.ljust(length - 11).encode() + b"\n"
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def build_cache(
+    scan: Scan, image_size: int, cache_dir: str | os.PathLike[str] | None = None, workers: int | None = None
+) -> CachedData:
+    """Decode every usable image of ``scan`` once into ``<cache_dir>/<name>-<S>px-<key>.npy``.
+
+    Unusable files are skipped and named in one ``CellDataWarning``. Both files are written under
+    temp names and moved into place, the metadata JSON last, so a crash never leaves a broken cache.
+
+    Args:
+        scan: Result of ``scan_dataset``.
+        image_size: Side S of the cached square images.
+        cache_dir: Folder for the cache; default ``default_cache_dir()``.
+        workers: Decode processes (threads off Linux); default the CPUs this process may use.
+
+    Raises:
+        DataError: no usable image at all, or the cache folder is not writable.
+    """
+    npy_path, json_path = cache_paths(scan, image_size, cache_dir)
+    count = len(scan.relpaths)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(workers, count // 64))  # a pool costs ~0.1 s: not worth it for a handful
+    # Chunks of ≤ 64 MiB of pixels, about 8 per worker: few zip reopenings, bounded memory.
+    chunk = max(1, min(max(16, math.ceil(count / (workers * 8))), 2**26 // (3 * image_size**2)))
+    source = (str(scan.source), scan.prefix, scan.is_zip)
+    tasks = [(source, list(scan.relpaths[i : i + chunk]), image_size) for i in range(0, count, chunk)]
+    results: list[tuple[str, str | None]] = []
+    tmp = npy_path.with_name(f"{npy_path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        npy_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out, _strict_truncation():  # set once: threads never race on it
+            out.write(_npy_header((0,)))  # placeholder until the usable count is known
+
+            def write(chunk_result: tuple[np.ndarray, list[tuple[str, str | None]]]) -> None:
+                out.write(memoryview(np.ascontiguousarray(chunk_result[0])))
+                results.extend(chunk_result[1])
+
+            if workers == 1:
+                for task in tasks:
+                    write(_decode_chunk(*task))
+            else:
+                with _make_pool(workers) as pool, warnings.catch_warnings():
+                    # Python ≥ 3.12 warns about fork() in a threaded process; the workers only
+                    # decode with PIL/numpy and never touch torch's thread pools.
+                    warnings.filterwarnings("ignore", ".*fork", DeprecationWarning)
+                    pending: collections.deque[Future] = collections.deque()
+                    for task in tasks:  # in order, a few chunks in flight: sequential writes
+                        pending.append(pool.submit(_decode_chunk, *task))
+                        if len(pending) > 2 * workers:
+                            write(pending.popleft().result())
+                    while pending:
+                        write(pending.popleft().result())
+            usable = [row for row, (_, reason) in enumerate(results) if reason is None]
+            skipped = [(scan.relpaths[row], reason) for row, (_, reason) in enumerate(results) if reason]
+            if not usable:
+                shown = ", ".join(f"{rel} ({reason})" for rel, reason in skipped[:3])
+                raise DataError(f"no usable image in {scan.source}: all {count} image files are unusable, e.g. {shown}")
+            out.seek(0)
+            out.write(_npy_header((len(usable), image_size, image_size, 3)))
+        os.replace(tmp, npy_path)
+        metadata = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "key": cache_key(scan, image_size),
+            "source": str(scan.source),
+            "prefix": scan.prefix,
+            "image_size": image_size,
+            "class_names": list(scan.class_names),
+            "relpaths": [scan.relpaths[row] for row in usable],
+            "labels": [scan.labels[row] for row in usable],
+            "sha256": [results[row][0] for row in usable],
+            "skipped": skipped,
+            "empty_classes": list(scan.empty_classes),
+        }
+        _write_json(json_path, metadata)
+    except OSError as error:
+        raise DataError(
+            f"cannot write the image cache in {npy_path.parent}: {error}; "
+            "set cache_dir or CELLDIFF_CACHE_DIR to a writable folder"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _warn_skipped(scan.source, skipped, scan.empty_classes, json_path)
+    return _open_cache(npy_path, metadata)
+
+
+def _open_cache(npy_path: Path, metadata: dict[str, Any]) -> CachedData:
+    return CachedData(
+        images=np.load(npy_path, mmap_mode="r"),
+        labels=np.asarray(metadata["labels"], dtype=np.int64),
+        relpaths=list(metadata["relpaths"]),
+        sha256=list(metadata["sha256"]),
+        class_names=list(metadata["class_names"]),
+        skipped=[(rel, reason) for rel, reason in metadata["skipped"]],
+        image_size=int(metadata["image_size"]),
+        path=npy_path,
+    )
+
+
+def load_cache(
+    scan: Scan, image_size: int, cache_dir: str | os.PathLike[str] | None = None, warn: bool = True
+) -> CachedData | None:
+    """Memory-map the cache of ``scan`` if a complete one exists; opens no image file.
+
+    Args:
+        scan: Result of ``scan_dataset``; its file stamps select the cache.
+        image_size: Side S of the cached images.
+        cache_dir: Folder of the cache; default ``default_cache_dir()``.
+        warn: Repeat the one-line summary of skipped files.
+
+    Returns:
+        The cached data, or None when there is no complete cache for this key.
+    """
+    npy_path, json_path = cache_paths(scan, image_size, cache_dir)
+    try:
+        metadata = json.loads(json_path.read_text())
+        data = _open_cache(npy_path, metadata)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or damaged: the caller rebuilds
+    expected = (len(data.relpaths), image_size, image_size, 3)
+    if (
+        metadata.get("key") != cache_key(scan, image_size)
+        or data.images.shape != expected
+        or data.images.dtype != np.uint8
+    ):
+        return None
+    if warn:
+        _warn_skipped(scan.source, data.skipped, metadata.get("empty_classes", []), json_path)
+    return data
+
+
+# -------------------------------------------------------------------------------------- split
+
+
+@dataclasses.dataclass
+class Split:
+    """Relative paths (``"<class>/<file>"``) per split, and how they were drawn."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    seed: int | None = None
+    fractions: tuple[float, float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "seed": self.seed,
+            "fractions": list(self.fractions) if self.fractions else None,
+            "train": self.train,
+            "val": self.val,
+            "test": self.test,
+        }
+
+
+def save_split(split: Split, path: str | os.PathLike[str]) -> None:
+    """Write ``split`` as JSON (atomically) so a later run can reuse it via ``split_file``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, split.to_dict())
+
+
+def load_split(path: str | os.PathLike[str]) -> Split:
+    """Read a split written by ``save_split``.
+
+    Raises:
+        DataError: the file is missing or is not a celldiff split.
+    """
+    try:
+        payload = json.loads(Path(path).read_text())
+        lists = [[str(p) for p in payload[name]] for name in SPLIT_NAMES]
+        fractions = payload.get("fractions")
+        return Split(*lists, seed=payload.get("seed"), fractions=tuple(fractions) if fractions else None)
+    except FileNotFoundError:
+        raise DataError(f"split file {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(
+            f"split file {path} is not a celldiff split ({error}); expected JSON "
+            'with "train", "val" and "test" lists of paths'
+        ) from None
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6 or values[0] == 0:
+        raise DataError(
+            f"split_fractions {list(fractions)} are invalid; expected three "
+            "non-negative fractions for train/val/test summing to 1, train > 0"
+        )
+    return values  # type: ignore[return-value]
+
+
+def _split_counts(count: int, fractions: tuple[float, float, float]) -> tuple[int, int]:
+    """(train, val) image counts of a class: largest remainders, so each is within 1 of exact."""
+    exact = [fraction * count for fraction in fractions]
+    counts = [math.floor(x + 1e-9) for x in exact]
+    # Leftover images go to the largest remainders; ties favour train, then test, then val.
+    order = sorted(range(3), key=lambda i: (-round(exact[i] - counts[i], 9), (0, 2, 1).index(i)))
+    for i in order[: count - sum(counts)]:
+        counts[i] += 1
+    if counts[0] == 0 and count > 0:  # tiny classes still train
+        counts[0], counts[2 if counts[2] else 1] = 1, counts[2 if counts[2] else 1] - 1
+    return counts[0], counts[1]
+
+
+def make_split(
+    relpaths: Sequence[str],
+    labels: Sequence[int],
+    sha256: Sequence[str],
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> Split:
+    """Seeded split, stratified by class, that never puts byte-identical files in two splits.
+
+    Each class's duplicate groups are shuffled with ``numpy.random.default_rng((seed, class))``
+    (keyed by class name when given, so selecting a class subset leaves each class's split
+    unchanged) and dealt out so that each split holds fraction × images of the class, to within
+    one image (or one duplicate group)
+    Groups whose copies carry different labels are warned about and follow the first copy.
+
+    Args:
+        relpaths: Path of each image, ``"<class>/<file>"``.
+        labels: Class index of each image.
+        sha256: Digest of each file's bytes.
+        fractions: Train/val/test fractions, summing to 1.
+        seed: Shuffling seed.
+        class_names: Optional names of the label indices, used to key the per-class RNG.
+    """
+    fractions = _check_fractions(fractions)
+    groups: dict[str, list[int]] = {}
+    for index, digest in enumerate(sha256):
+        groups.setdefault(digest or f"unique:{index}", []).append(index)
+    mixed = [g for g in groups.values() if len({labels[i] for i in g}) > 1]
+    if mixed:
+        shown = "; ".join(" = ".join(relpaths[i] for i in g) for g in mixed[:5])
+        warnings.warn(
+            f"celldiff: {len(mixed)} set{'s' * (len(mixed) != 1)} of byte-identical "
+            f"files carry different labels (kept in one split): {shown}",
+            CellDataWarning,
+            stacklevel=2,
+        )
+    by_class: dict[int, list[list[int]]] = {}
+    for group in sorted(groups.values(), key=lambda g: relpaths[g[0]]):
+        by_class.setdefault(int(labels[group[0]]), []).append(group)
+    chosen: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    for label, class_groups in sorted(by_class.items()):
+        key = zlib.crc32(class_names[label].encode()) if class_names else label
+        order = np.random.default_rng([seed, key]).permutation(len(class_groups))
+        n_train, n_val = _split_counts(sum(len(g) for g in class_groups), fractions)
+        position = 0
+        for j in order:
+            group = class_groups[j]
+            middle = position + len(group) / 2  # exact counts for single files
+            position += len(group)
+            name = "train" if middle < n_train else "val" if middle < n_train + n_val else "test"
+            chosen[name].extend(group)
+    lists = [[relpaths[i] for i in sorted(chosen[name])] for name in SPLIT_NAMES]
+    return Split(*lists, seed=seed, fractions=fractions)
+
+
+def split_indices(
+    split: Split, relpaths: Sequence[str], where: str = "split"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cache rows of the train/val/test paths of ``split``.
+
+    Raises:
+        DataError: a path of the split is not in the data, or is in two splits.
+    """
+    rows = {path: row for row, path in enumerate(relpaths)}
+    listed = [p for name in SPLIT_NAMES for p in getattr(split, name)]
+    missing = [p for p in listed if p not in rows]
+    if missing:
+        raise DataError(
+            f"{where} lists {len(missing)} file(s) not among the {len(rows)} usable "
+            f"images of the data, first: {missing[0]}; expected paths like "
+            f"{relpaths[0] if relpaths else '<class>/<file>'}"
+        )
+    if len(set(listed)) != len(listed):
+        twice = next(p for p, n in collections.Counter(listed).items() if n > 1)
+        raise DataError(f"{where} lists {twice} more than once; expected disjoint splits")
+    if len(listed) < len(rows):
+        warnings.warn(
+            f"celldiff: {len(rows) - len(listed)} images are in no split of {where} and are not used",
+            CellDataWarning,
+            stacklevel=2,
+        )
+    return tuple(  # type: ignore[return-value]
+        np.array([rows[p] for p in getattr(split, name)], dtype=np.int64) for name in SPLIT_NAMES
+    )
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+
+def noise_seed_for(predict_seed: int, index: int) -> int:
+    """Seed of prediction sample ``index``: fixed whatever the batch size or device count."""
+    return (predict_seed * 1_000_003 + index) % 2**63
+
+
+def _gather_chw(images: np.ndarray, rows: np.ndarray, transforms: np.ndarray | None) -> np.ndarray:
+    """Rows of an (N, S, S, 3) array as (B, 3, S, S), each under its dihedral transform.
+
+    Transform bits: 1 = swap H/W, 2 = flip H, 4 = flip W; the eight combinations are the eight
+    symmetries of the square. numpy views do the flips, so each pixel is copied once after the read.
+    """
+    size = images.shape[1]
+    out = np.empty((len(rows), 3, size, size), dtype=np.uint8)
+    if transforms is None:
+        out[...] = images[rows].transpose(0, 3, 1, 2)
+        return out
+    for code in np.unique(transforms):
+        selected = np.flatnonzero(transforms == code)
+        part = images[rows[selected]]
+        view = part.transpose(0, 3, 2, 1) if code & 1 else part.transpose(0, 3, 1, 2)
+        if code & 2:
+            view = view[:, :, ::-1]
+        if code & 4:
+            view = view[:, :, :, ::-1]
+        out[selected] = view
+    return out
+
+
+class CellImageDataset(Dataset):
+    """Cached cell images as ``{"image": uint8 (3, S, S), "label": long, "index": int}``.
+
+    ``index`` is the cache row (``relpaths[index]`` names the file). With ``predict_seed`` the
+    items also carry ``noise_seed`` for their position. ``get_batch`` fetches a whole batch with
+    one memmap read; the datamodule's loaders use it. A memmap pickles as its file name, so
+    spawned workers reopen it instead of receiving a copy.
+
+    Args:
+        images: (N, S, S, 3) uint8 array or memmap (the whole cache).
+        labels: (N,) class index of each cache row.
+        indices: Cache rows in this dataset (default all).
+        augment: Random flips / 90° rotations from the global torch RNG (seeded per worker).
+        predict_seed: If set, items carry ``noise_seed = noise_seed_for(predict_seed, position)``.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        indices: Sequence[int] | np.ndarray | None = None,
+        augment: bool = False,
+        predict_seed: int | None = None,
+    ) -> None:
+        self.images: np.ndarray | None = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.indices = np.asarray(np.arange(len(images)) if indices is None else indices, dtype=np.int64)
+        self.augment = augment
+        self.predict_seed = predict_seed
+        self._shape = images.shape
+        self._file = images.filename if isinstance(images, np.memmap) else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._file is not None:
+            state["images"] = None  # reopened lazily in the worker
+        return state
+
+    def _array(self) -> np.ndarray:
+        if self.images is None:
+            images = np.load(self._file, mmap_mode="r")
+            if images.shape != self._shape:
+                raise RuntimeError(f"cache {self._file} changed shape since it was opened")
+            self.images = images
+        return self.images
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_batch(self, positions: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Items at ``positions`` already collated: image (B, 3, S, S) uint8, label, index."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.indices[positions]
+        transforms = torch.randint(0, 8, (len(rows),)).numpy() if self.augment else None
+        columns = [self.labels[rows], rows]
+        if self.predict_seed is not None:
+            columns.append(np.array([noise_seed_for(self.predict_seed, int(p) % len(self)) for p in positions]))
+        # One storage for the small columns: each storage costs a round trip from a worker process.
+        meta = torch.from_numpy(np.stack(columns).astype(np.int64))
+        batch = {"image": torch.from_numpy(_gather_chw(self._array(), rows, transforms)), "label": meta[0]}
+        batch["index"] = meta[1]
+        if self.predict_seed is not None:
+            batch["noise_seed"] = meta[2]
+        return batch
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        batch = self.get_batch([position])
+        item: dict[str, Any] = {key: value[0] for key, value in batch.items()}
+        item["index"] = int(item["index"])
+        if "noise_seed" in item:
+            item["noise_seed"] = int(item["noise_seed"])
+        return item
+
+
+class _Batched(Dataset):
+    """Routes DataLoader batch fetches to ``get_batch`` (torch calls ``__getitems__``)."""
+
+    def __init__(self, dataset: CellImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.dataset[position]
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        return self.dataset.get_batch(positions)
+
+
+def collate_batch(items: Any) -> Any:
+    """Pass batches built by ``get_batch`` through; collate lists of items as usual."""
+    return items if isinstance(items, dict) else default_collate(items)
+
+
+class NoiseDataset(Dataset):
+    """Prediction items for sampling from noise: ``{"index", "noise_seed", "label"}``.
+
+    Args:
+        num_samples: Number of items.
+        num_classes: Labels cycle through the classes (``index % num_classes``).
+        predict_seed: Base of each item's ``noise_seed``.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, predict_seed: int = 0) -> None:
+        self.num_samples, self.num_classes, self.predict_seed = (num_samples, num_classes, predict_seed)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, int]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        return {
+            "index": index,
+            "noise_seed": noise_seed_for(self.predict_seed, index),
+            "label": index % self.num_classes,
+        }
+
+
+def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Map images in [-1, 1] (any shape) to uint8 [0, 255], rounding and clamping."""
+    return ((x.detach().float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------- datamodule
+
+
+class CellDataModule(L.LightningDataModule):
+    """PBC cell images for diffusion training: cached uint8 on the host, [-1, 1] on the device.
+
+    Args:
+        data_dir: Folder with one folder per cell class, the same nested one level deeper, or a
+            ``.zip`` of either (e.g. Mendeley's PBC_dataset_normal_DIB).
+        image_size: Side of the square images (centre crop, then resize).
+        batch_size: Images per batch for train/val/test.
+        num_workers: DataLoader worker processes (persistent when > 0). A batch is one memmap slice
+            (~1 ms per 64 images at 64 px), so 0 is usually fastest: workers add a transfer per batch.
+        classes: Optional subset of class names; labels index the sorted subset.
+        split_fractions: Train/val/test fractions per class, summing to 1.
+        split_seed: Seed of the split shuffle.
+        split_file: Reuse a split saved by ``save_split`` (a run's ``split.json``).
+        cache_dir: Folder for the decoded cache; default ``$CELLDIFF_CACHE_DIR`` or
+            ``~/.cache/celldiff``.
+        augment: Random flips and 90° rotations of training images.
+        pin_memory: Pin host batches (only when CUDA is available).
+        predict_source: ``"noise"`` (generate; items carry no image) or a split name
+            ``"train"`` / ``"val"`` / ``"test"`` (items carry images, classes interleaved).
+        num_predict_samples: Number of predict items; for a split source at most this many
+            (-1: the whole split).
+        predict_seed: Base of each predict item's ``noise_seed``.
+        predict_batch_size: Batch size for predict; default ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/pbc_sample",
+        image_size: int = 64,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        classes: list[str] | None = None,
+        split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        split_seed: int = 0,
+        split_file: str | None = None,
+        cache_dir: str | None = None,
+        augment: bool = True,
+        pin_memory: bool = True,
+        predict_source: str = "noise",
+        num_predict_samples: int = 16,
+        predict_seed: int = 0,
+        predict_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if image_size < 1 or batch_size < 1 or num_workers < 0:
+            raise DataError(
+                f"image_size={image_size}, batch_size={batch_size}, num_workers="
+                f"{num_workers}: expected image_size, batch_size ≥ 1, num_workers ≥ 0"
+            )
+        if predict_source not in PREDICT_SOURCES:
+            raise DataError(
+                f"predict_source {predict_source!r} is unknown; expected one of {', '.join(PREDICT_SOURCES)}"
+            )
+        self.save_hyperparameters()
+        self.data_dir, self.image_size, self.batch_size = data_dir, image_size, batch_size
+        self.num_workers, self.classes, self.cache_dir = num_workers, classes, cache_dir
+        self.split_fractions = _check_fractions(split_fractions)
+        self.split_seed, self.split_file, self.augment = split_seed, split_file, augment
+        self.pin_memory, self.predict_source = pin_memory, predict_source
+        self.num_predict_samples, self.predict_seed = num_predict_samples, predict_seed
+        self.predict_batch_size = predict_batch_size or batch_size
+        self._scan: Scan | None = None
+        self._built_here = self._scanned_in_prepare = False
+        self.cached: CachedData | None = None
+        self._split: Split | None = None
+        self.datasets: dict[str, CellImageDataset] = {}
+
+    def _get_scan(self, fresh: bool = False) -> Scan:
+        if self._scan is None or fresh:
+            scan = scan_dataset(self.data_dir, self.classes)
+            if self._scan is not None and scan.class_names != self._scan.class_names:
+                raise DataError(
+                    f"class folders of {scan.source} changed since the model was "
+                    f"built: {list(self._scan.class_names)} → {list(scan.class_names)}"
+                )
+            self._scan = scan
+        return self._scan
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class names (cheap: folder names only, no decoding)."""
+        return list(self._get_scan().class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._get_scan().class_names)
+
+    @property
+    def split(self) -> Split | None:
+        """The train/val/test split, after ``setup``."""
+        return self._split
+
+    def save_split(self, path: str | os.PathLike[str]) -> None:
+        """Write the split as JSON; reuse it with ``split_file``."""
+        if self._split is None:
+            raise RuntimeError("CellDataModule.save_split needs setup() to have run")
+        save_split(self._split, path)
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node, so under DDP only one process decodes.
+        scan = self._get_scan(fresh=True)
+        self._scanned_in_prepare = True  # setup in this process reuses the scan
+        if not all(p.exists() for p in cache_paths(scan, self.image_size, self.cache_dir)):
+            build_cache(scan, self.image_size, self.cache_dir)
+            self._built_here = True  # its warning was just shown; setup need not repeat it
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cached is None:
+            scan = self._get_scan(fresh=not self._scanned_in_prepare)
+            self.cached = load_cache(scan, self.image_size, self.cache_dir, warn=not self._built_here)
+            if self.cached is None:  # prepare_data was skipped, or the cache was deleted
+                self.cached = build_cache(scan, self.image_size, self.cache_dir)
+        data = self.cached
+        where = f"split file {self.split_file}" if self.split_file else "the split"
+        if self._split is None:
+            if self.split_file:
+                self._split = load_split(self.split_file)
+            else:
+                self._split = make_split(
+                    data.relpaths, data.labels, data.sha256, self.split_fractions, self.split_seed, data.class_names
+                )
+        rows = split_indices(self._split, data.relpaths, where)
+        for name, split_rows in zip(SPLIT_NAMES, rows, strict=True):
+            self.datasets[name] = CellImageDataset(
+                data.images, data.labels, split_rows, augment=self.augment and name == "train"
+            )
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            _Batched(dataset) if isinstance(dataset, CellImageDataset) else dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,  # keep tiny train sets usable
+            num_workers=workers,
+            collate_fn=collate_batch,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    def _dataset(self, name: str) -> CellImageDataset:
+        if name not in self.datasets:
+            raise RuntimeError(f"CellDataModule.{name}_dataloader needs setup() to have run")
+        return self.datasets[name]
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train")
+        if len(dataset) == 0:
+            raise DataError(f"the train split of {self.data_dir} is empty")
+        return self._loader(dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val"), self.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test"), self.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_source == "noise":
+            if self.num_predict_samples < 1:
+                raise DataError(
+                    f'num_predict_samples={self.num_predict_samples}: expected ≥ 1 for predict_source "noise"'
+                )
+            dataset: Dataset = NoiseDataset(self.num_predict_samples, self.num_classes, self.predict_seed)
+        else:
+            source = self._dataset(self.predict_source)
+            assert self.cached is not None
+            labels = self.cached.labels[source.indices]
+            # Interleave classes so the first items (a sample grid) show every class.
+            by_class = [np.flatnonzero(labels == c) for c in range(len(self.cached.class_names))]
+            order = [p[r] for r in range(max(map(len, by_class), default=0)) for p in by_class if r < len(p)]
+            if self.num_predict_samples >= 0:
+                order = order[: self.num_predict_samples]
+            dataset = CellImageDataset(
+                self.cached.images,
+                self.cached.labels,
+                source.indices[np.asarray(order, dtype=np.int64)],
+                predict_seed=self.predict_seed,
+            )
+        return self._loader(dataset, self.predict_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The host ships uint8 (4× less traffic than float32); scaling happens on the device.
+        if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
+            if batch["image"].dtype == torch.uint8:
+                batch = {**batch, "image": batch["image"].float().div_(127.5).sub_(1.0)}  # leave the input intact
+        return batch
