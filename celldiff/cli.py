@@ -31,8 +31,35 @@ class UsageError(Exception):
     """A command-line value that cannot work; reported as one line, exit code 2."""
 
 
+RUN_DIR_ENV = "CELLDIFF_RUN_DIR"
+
+
 def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _is_child_rank() -> bool:
+    """A DDP process other than the one the user started (Lightning, torchrun and srun set these)."""
+    return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+
+
+def shared_default_run_dir(parent: Path) -> Path:
+    """A new run directory under ``parent`` that every process of one job agrees on.
+
+    The run directory a launching process chose (inherited through the environment), else the SLURM
+    job id or torchrun's run id, else a timestamp.
+    """
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if os.environ.get("SLURM_JOB_ID"):
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return parent / (f"slurm-{os.environ['SLURM_JOB_ID']}" + (f"-{task}" if task else ""))
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return parent / f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    run_dir = parent / _timestamp()
+    while run_dir.exists():  # two runs started in the same second
+        run_dir = run_dir.with_name(run_dir.name + "-" + uuid.uuid4().hex[:4])
+    return run_dir
 
 
 def _class_path(value: Any) -> str:
@@ -185,6 +212,9 @@ class CellDiffCLI(LightningCLI):
             cfg.data.num_predict_samples = cfg.num_samples
 
         run_dir = self._resolve_run_dir(sub, cfg, stem)
+        # Processes that Lightning's DDP launcher starts re-run this command: they must find the
+        # same directory, not a new timestamp.
+        os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
@@ -225,15 +255,12 @@ class CellDiffCLI(LightningCLI):
         if cfg.run_dir:
             run_dir = Path(cfg.run_dir)
             requeued = any(run_dir.glob("hpc_ckpt_*.ckpt"))  # SLURM requeue: Lightning resumes it
-            if (run_dir / "config.yaml").exists() and not requeued and not cfg.ckpt_path:
+            if (run_dir / "config.yaml").exists() and not requeued and not cfg.ckpt_path and not _is_child_rank():
                 raise UsageError(
                     f"--run_dir {run_dir} already holds a run; resume it with --ckpt_path last or choose a new --run_dir"
                 )
             return run_dir
-        run_dir = Path(RUNS_ROOT) / stem / _timestamp()
-        while run_dir.exists():  # two runs started in the same second
-            run_dir = run_dir.with_name(run_dir.name + "-" + uuid.uuid4().hex[:4])
-        return run_dir
+        return shared_default_run_dir(Path(RUNS_ROOT) / stem)
 
     def _patch_loggers(self, value: Any, run_dir: Path, stem: str) -> Any:
         """Point every configured logger at the run directory; W&B keeps one run id per run dir."""

@@ -34,6 +34,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test session decodes into its own cache directory, never ~/.cache."""
     cache = tmp_path_factory.getbasetemp() / "celldiff-cache"
     monkeypatch.setenv("CELLDIFF_CACHE_DIR", str(cache))
+    # The CLI exports the run directory for its DDP children; an in-process run must not leak it.
+    monkeypatch.setenv("CELLDIFF_RUN_DIR", "")
 
 
 @pytest.fixture

@@ -181,12 +181,17 @@ def test_help_lists_subcommands(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(small_sample, tmp_path):
-    run_dir = tmp_path / "run"
-    args = fit_args(small_sample, run_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    """Two gloo processes; no --run_dir, so both must agree on the default one."""
+    args = fit_args(small_sample, tmp_path / "unused", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--trainer.max_epochs", "1")  # fmt: skip
+    args = [a for a in args if a not in ("--run_dir", str(tmp_path / "unused"))]
     result = run_subprocess(args, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs" / "demo").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "split.json").is_file()
     assert len(list((run_dir / "samples").glob("epoch*.png"))) == 1
 
 
