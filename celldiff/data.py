@@ -413,10 +413,11 @@ def _decode_chunk(
     return pixels[:usable], results
 
 
-def _make_pool(workers: int) -> Executor:
-    # Processes scale on small images, where PIL's Python-side header parsing holds the GIL; fork
-    # keeps start-up near free. Elsewhere threads still overlap the C decode (PIL drops the GIL).
-    if sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
+def _make_pool(workers: int, mean_file_bytes: float) -> Executor:
+    # Small files (e.g. 64 px JPEGs): PIL's Python-side parsing dominates and holds the GIL, so
+    # processes scale (fork: start-up near free). Large files: the C decoder dominates and drops
+    # the GIL, so threads scale without shipping pixels between processes.
+    if mean_file_bytes < 8192 and sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     return ThreadPoolExecutor(workers)
 
@@ -445,7 +446,7 @@ def build_cache(
         scan: Result of ``scan_dataset``.
         image_size: Side S of the cached square images.
         cache_dir: Folder for the cache; default ``default_cache_dir()``.
-        workers: Decode processes (threads off Linux); default the CPUs this process may use.
+        workers: Decode threads or processes; default the CPUs this process may use.
 
     Raises:
         DataError: no usable image at all, or the cache folder is not writable.
@@ -474,7 +475,8 @@ def build_cache(
                 for task in tasks:
                     write(_decode_chunk(*task))
             else:
-                with _make_pool(workers) as pool, warnings.catch_warnings():
+                mean_bytes = sum(int(stamp.split(":")[0]) for stamp in scan.stamps) / count
+                with _make_pool(workers, mean_bytes) as pool, warnings.catch_warnings():
                     # Python ≥ 3.12 warns about fork() in a threaded process; the workers only
                     # decode with PIL/numpy and never touch torch's thread pools.
                     warnings.filterwarnings("ignore", ".*fork", DeprecationWarning)
