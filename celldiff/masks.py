@@ -56,7 +56,7 @@ def check_mask(mask: Tensor, image: Tensor | None = None, check_values: bool = T
 
     Args:
         mask: (1, H, W) or (B, 1, H, W), float32, values in {0, 1}.
-        image: Optional (3, H, W) or (B, 3, H, W) image the mask belongs to.
+        image: Optional (C, H, W) or (B, C, H, W) image the mask belongs to.
         check_values: Also check that every value is 0 or 1. This reads the data (a device sync on
             a GPU), the other checks only look at shapes.
     """
@@ -64,18 +64,7 @@ def check_mask(mask: Tensor, image: Tensor | None = None, check_values: bool = T
         raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.float32:
         raise ValueError(f"mask must be float32 (values 0.0 / 1.0, 1 = missing), got dtype {mask.dtype}")
-    if mask.ndim not in (3, 4) or mask.shape[-3] != 1:
-        raise ValueError(f"mask must have shape (1, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
-    if image is not None:
-        if image.ndim != mask.ndim:
-            raise ValueError(
-                f"mask {tuple(mask.shape)} and image {tuple(image.shape)} must both be batched or both not"
-            )
-        if image.shape[-2:] != mask.shape[-2:] or (mask.ndim == 4 and image.shape[0] != mask.shape[0]):
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}: "
-                "expected the same batch size and H, W with one mask channel"
-            )
+    _check_mask_shape(mask, image)
     if check_values and not ((mask == 0) | (mask == 1)).all():
         bad = mask[(mask != 0) & (mask != 1)]
         raise ValueError(
@@ -84,14 +73,32 @@ def check_mask(mask: Tensor, image: Tensor | None = None, check_values: bool = T
         )
 
 
+def _check_mask_shape(mask: Tensor, image: Tensor | None) -> None:
+    if mask.ndim not in (3, 4) or mask.shape[-3] != 1:
+        raise ValueError(f"mask must have shape (1, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
+    if image is None:
+        return
+    if image.ndim != mask.ndim:
+        raise ValueError(f"mask {tuple(mask.shape)} and image {tuple(image.shape)} must both be batched or both not")
+    if image.shape[-2:] != mask.shape[-2:] or (mask.ndim == 4 and image.shape[0] != mask.shape[0]):
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}: "
+            "expected the same batch size and H, W with one mask channel"
+        )
+
+
 def masked_image(image: Tensor, mask: Tensor) -> Tensor:
     """The known part of ``image``: ``image * (1 - mask)``, exactly 0 (mid-grey) where missing.
 
     Args:
-        image: (3, H, W) or (B, 3, H, W) in [-1, 1].
-        mask: (1, H, W) or (B, 1, H, W), 1 = missing.
+        image: (C, H, W) or (B, C, H, W) in [-1, 1].
+        mask: (1, H, W) or (B, 1, H, W), 1 = missing. Any floating dtype is accepted here: 0 and 1
+            are exact in all of them, and Lightning's ``bf16-true`` / ``16-true`` precision casts
+            floating batch tensors, masks included. Values are not read (no device sync).
     """
-    check_mask(mask, image, check_values=False)
+    if not mask.is_floating_point():
+        raise ValueError(f"mask must be floating point (float32 by convention), got dtype {mask.dtype}")
+    _check_mask_shape(mask, image)
     return image * (1 - mask.to(image.dtype))
 
 
@@ -99,7 +106,7 @@ def inpainting_condition(image: Tensor, mask: Tensor) -> Tensor:
     """The channels the inpainting model sees next to x_t: ``cat(masked_image, mask)``.
 
     Shapes are checked; values are trusted, so no device sync happens here (use :func:`check_mask`
-    where masks come from outside).
+    where masks come from outside). Any floating mask dtype is accepted (see :func:`masked_image`).
 
     Args:
         image: (B, 3, H, W) in [-1, 1], or unbatched (3, H, W).
@@ -377,7 +384,7 @@ def _flat_max_filter(flat: Tensor, padded_width: int, radius: int, disk: bool) -
         disk: Window ``dy**2 + dx**2 <= radius**2`` if True, else the (2 radius + 1)^2 square.
 
     Returns:
-        (B, L): the filtered values at every position of the original image; 0 on the padding.
+        (B, L): the filtered values at every position of the original image (the padding holds junk).
     """
     length = flat.shape[1]
     reach = radius * padded_width + radius  # largest flat offset inside the window
@@ -640,6 +647,7 @@ class MaskSampler:
         self.options: dict[str, dict[str, Any]] = {name: dict(kwargs) for name, kwargs in options.items()}
         self._probs = torch.tensor([self.probabilities[name] for name in self.names], dtype=torch.float64)
         self.last_type: str | None = None  # the type the last __call__ drew (for inspection / logging)
+        self.last_types: list[str] = []  # the types the last batch() drew, one per image
 
     @classmethod
     def from_spec(
@@ -689,11 +697,11 @@ class MaskSampler:
     def batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Masks (B, 1, H, W) for images (B, 3, H, W), nucleus masks computed in one batched pass.
 
-        Draws all B types first, then the masks in order, so it consumes the generator differently
-        from B calls of ``__call__`` (both are deterministic).
+        Draws all B types first (kept in ``last_types``), then the masks in order, so it consumes the
+        generator differently from B calls of ``__call__`` (both are deterministic).
         """
         self._check_image(images, 4)
-        names = self.choose(generator, images.shape[0])
+        names = self.last_types = self.choose(generator, images.shape[0])
         masks = torch.empty(images.shape[0], 1, *images.shape[-2:], device=images.device)
         nucleus_rows = [i for i, name in enumerate(names) if name == "nucleus"]
         if nucleus_rows:
