@@ -57,23 +57,34 @@ def log_image(trainer: L.Trainer, key: str, image: np.ndarray, caption: str) -> 
             logger.log_image(key=key, images=[image], step=trainer.global_step, caption=[caption])
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, trainer.global_step, dataformats="HWC")
-        elif isinstance(logger, CSVLogger):
-            # A CSV log cannot hold images: put the PNG next to metrics.csv.
+        elif isinstance(logger, CSVLogger) and Path(logger.log_dir).resolve() != Path(trainer.default_root_dir).resolve():
+            # A CSV log cannot hold images: put the PNG next to metrics.csv (the run directory's
+            # samples/ already has it when the log is in the run directory).
             save_png(image, Path(logger.log_dir) / key / f"step{trainer.global_step:07d}.png")
 
 
 def sharded_generate(
-    trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int], labels: list[int], **kwargs: Any
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    seeds: list[int],
+    labels: list[int],
+    known: Tensor | None = None,
+    mask: Tensor | None = None,
+    **kwargs: Any,
 ) -> Tensor:
     """Generate ``len(seeds)`` images, each rank drawing every world_size-th one, then gather.
 
-    Every rank must call this (it ends in an all_gather). Image i depends only on seeds[i].
+    Every rank must call this (it ends in an all_gather). Image i depends only on seeds[i] (and
+    known[i], mask[i] when inpainting).
     """
     world, rank = trainer.world_size, trainer.global_rank
     n = len(seeds)
     per_rank = math.ceil(n / world)
     mine = [min(i, n - 1) for i in range(rank, per_rank * world, world)]  # pad with a repeat
     batch = {"label": torch.tensor([labels[i] for i in mine], device=pl_module.device)}
+    if mask is not None:
+        batch["image"] = known[mine].to(pl_module.device)
+        batch["mask"] = mask[mine].to(pl_module.device)
     condition = pl_module.network_condition(batch)
     with trainer.precision_plugin.forward_context():
         images = pl_module.generate([seeds[i] for i in mine], condition=condition, **kwargs)
@@ -123,47 +134,161 @@ class SampleGrid(L.Callback):
             log_image(trainer, "samples", grid, f"epoch {epoch}, step {trainer.global_step} (EMA weights)")
 
 
+class InpaintingPanels(L.Callback):
+    """Every N epochs, inpaint fixed validation cells, log panels and masked-region metrics.
+
+    The first ``num_images`` validation images with their fixed evaluation masks are inpainted
+    with the EMA weights; ``val_inpaint/{mse,psnr,ssim,seam}`` (inside the mask, see
+    ``celldiff.metrics``) are logged, and a panel (masked input | inpainted | original, one row per
+    cell) goes to the loggers and to ``<run_dir>/samples/inpaint_epochXXXX.png``.
+
+    Args:
+        every_n_epochs: Run at the end of every N-th training epoch (0 disables).
+        num_images: Validation images to inpaint.
+        seed: Seed of the sampling noise.
+        sampler: ``ddpm`` or ``ddim``; default: the model's.
+        steps: Reverse steps; default: the model's.
+    """
+
+    def __init__(
+        self, every_n_epochs: int = 1, num_images: int = 8, seed: int = 0, sampler: str | None = None, steps: int | None = None
+    ) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.seed = seed
+        self.sampler = sampler
+        self.steps = steps
+
+    def _validation_batch(self, trainer: L.Trainer) -> dict[str, Tensor] | None:
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "datasets", {}).get("val")
+        if dataset is None or len(dataset) == 0 or getattr(dataset, "masker", None) is None:
+            return None
+        batch = dataset.get_batch(np.arange(min(self.num_images, len(dataset))))
+        return datamodule.on_after_batch_transfer(batch, 0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from celldiff.metrics import inpainting_metrics
+
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if self.every_n_epochs <= 0 or not ((epoch + 1) % self.every_n_epochs == 0 or last):
+            return
+        batch = self._validation_batch(trainer)
+        if batch is None:
+            return
+        n = len(batch["image"])
+        seeds = [self.seed * 1_000_003 + i for i in range(n)]
+        images = sharded_generate(
+            trainer, pl_module, seeds, batch["label"].tolist(), known=batch["image"], mask=batch["mask"],
+            sampler=self.sampler, steps=self.steps,
+        )  # fmt: skip
+        truth, mask = batch["image"].to(images.device), batch["mask"].to(images.device)
+        metrics = inpainting_metrics(images, truth, mask)
+        for name, values in metrics.items():  # identical on every rank: no sync needed
+            pl_module.log(f"val_inpaint/{name}", values.mean(), rank_zero_only=True)
+        if trainer.is_global_zero:
+            panel = torch.stack([truth * (1 - mask), images, truth], dim=1).flatten(0, 1)
+            grid = image_grid(panel, nrow=3)
+            name = f"inpaint_epoch{epoch:04d}_step{trainer.global_step:07d}.png"
+            save_png(grid, Path(trainer.default_root_dir) / "samples" / name)
+            caption = f"epoch {epoch}: masked input | inpainted (EMA) | original; PSNR in mask {metrics['psnr'].mean():.2f} dB"
+            log_image(trainer, "inpainting", grid, caption)
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Write each predicted image as a PNG and, at the end, a grid.png of all of them.
+    """Write predictions as PNG files and, at the end, a grid.png.
+
+    Generation (Phase 1/3): ``sample_00012.png`` (or ``eosinophil_00012.png`` for a class-
+    conditional model) per image and a grid of all of them.
+
+    Inpainting (Phase 2): per input image ``<stem>_inpainted[_j].png`` (the model's output),
+    ``<stem>_panel.png`` (masked input | sample(s) | original) and, for a user's own images,
+    ``<stem>_fullres[_j].png`` at the input's resolution with every known pixel equal to the input.
+    grid.png stacks the first panels.
 
     Args:
         output_dir: Directory for the PNG files.
-        nrow: Images per row of grid.png; default about sqrt(N), or num_samples per class.
+        nrow: Images per row of grid.png; default about sqrt(N).
+        max_grid_panels: Panels stacked in grid.png when inpainting.
     """
 
-    def __init__(self, output_dir: str, nrow: int | None = None) -> None:
+    def __init__(self, output_dir: str, nrow: int | None = None, max_grid_panels: int = 16) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.nrow = nrow
+        self.max_grid_panels = max_grid_panels
+
+    @staticmethod
+    def _class_name(pl_module: L.LightningModule, label: int | None) -> str | None:
+        names = getattr(pl_module.hparams, "class_names", None)
+        return names[label] if names and label is not None and 0 <= label < len(names) else None
 
     def file_name(self, pl_module: L.LightningModule, index: int, label: int | None) -> str:
-        names = getattr(pl_module.hparams, "class_names", None)
-        if label is not None and getattr(pl_module.hparams, "class_conditional", False) and names:
-            return f"{names[label]}_{index:05d}.png"
+        name = self._class_name(pl_module, label)
+        if name and getattr(pl_module.hparams, "class_conditional", False):
+            return f"{name}_{index:05d}.png"
         return f"sample_{index:05d}.png"
 
     def write_on_batch_end(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        prediction: dict[str, Tensor],
+        prediction: dict[str, Any],
         batch_indices: Any,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        if "mask" in prediction:
+            self._write_inpainting(pl_module, prediction)
+            return
         images = tensor_to_uint8(prediction["images"]).permute(0, 2, 3, 1).cpu().numpy()
         labels = prediction.get("label")
         for k, index in enumerate(prediction["index"].tolist()):
             label = int(labels[k]) if labels is not None else None
             save_png(images[k], self.output_dir / self.file_name(pl_module, index, label))
 
+    def _write_inpainting(self, pl_module: L.LightningModule, prediction: dict[str, Any]) -> None:
+        from celldiff.user_images import paste_full_resolution
+
+        samples = tensor_to_uint8(prediction["images"]).cpu()  # (B, K, C, H, W)
+        known, mask = prediction["known"].cpu(), prediction["mask"].cpu().float()
+        masked_input = tensor_to_uint8(known * (1 - mask))  # what the model sees: grey where missing
+        originals = tensor_to_uint8(known)
+        labels = prediction.get("label")
+        paths = prediction.get("path")
+        for i, index in enumerate(prediction["index"].tolist()):
+            if paths is not None:
+                stem = Path(paths[i]).stem
+            else:
+                label = int(labels[i]) if labels is not None else None
+                stem = f"{self._class_name(pl_module, label) or 'cell'}_{index:05d}"
+            k = samples.shape[1]
+            for j in range(k):
+                suffix = f"_{j}" if k > 1 else ""
+                out = samples[i, j].permute(1, 2, 0).numpy()
+                save_png(out, self.output_dir / f"{stem}_inpainted{suffix}.png")
+                if paths is not None:
+                    full = paste_full_resolution(paths[i], prediction["mask_path"][i], out)
+                    save_png(full, self.output_dir / f"{stem}_fullres{suffix}.png")
+            panel = torch.cat([masked_input[i : i + 1], samples[i], originals[i : i + 1]])
+            save_png(image_grid(panel, nrow=len(panel)), self.output_dir / f"{stem}_panel.png")
+
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier()  # every rank has written its files
         if not trainer.is_global_zero:
             return
+        panels = sorted(self.output_dir.glob("*_panel.png"))[: self.max_grid_panels]
+        if panels:
+            rows = [np.asarray(Image.open(p).convert("RGB")) for p in panels]
+            width = max(r.shape[1] for r in rows)
+            rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+            save_png(np.concatenate(rows), self.output_dir / "grid.png")
+            print(f"celldiff: wrote inpainting results and {len(panels)} panels in grid.png to {self.output_dir}")
+            return
         files = sorted(
-            (p for p in self.output_dir.glob("*.png") if re.search(r"_(\d+)\.png$", p.name) and p.name != "grid.png"),
+            (p for p in self.output_dir.glob("*.png") if re.search(r"_(\d+)\.png$", p.name)),
             key=lambda p: int(re.search(r"_(\d+)\.png$", p.name).group(1)),
         )
         if not files:

@@ -31,6 +31,10 @@ class UsageError(Exception):
     """A command-line value that cannot work; reported as one line, exit code 2."""
 
 
+class PartialFailure(Exception):
+    """Some inputs failed (each reported already) while the rest ran; exit code 1."""
+
+
 RUN_DIR_ENV = "CELLDIFF_RUN_DIR"
 
 
@@ -209,7 +213,11 @@ class CellDiffCLI(LightningCLI):
         if cfg.num_samples is not None:
             if cfg.num_samples < 1:
                 raise UsageError(f"--num_samples must be at least 1, got {cfg.num_samples}")
-            cfg.data.num_predict_samples = cfg.num_samples
+            inpainting = cfg.data.masks is not None or cfg.data.predict_images is not None
+            if inpainting:  # several samples per masked image
+                cfg.model.init_args.samples_per_image = cfg.num_samples
+            else:
+                cfg.data.num_predict_samples = cfg.num_samples
 
         run_dir = self._resolve_run_dir(sub, cfg, stem)
         # Processes that Lightning's DDP launcher starts re-run this command: they must find the
@@ -290,9 +298,16 @@ class CellDiffCLI(LightningCLI):
                 args.resume = "allow"
         return value
 
+    def after_predict(self) -> None:
+        problems = getattr(self.datamodule, "predict_problems", [])
+        if problems:
+            raise PartialFailure(f"{len(problems)} input file(s) could not be used (listed above); the others were written")
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except DataError:
+            raise
         except (ValueError, TypeError) as err:
             # A value the classes reject (jsonargparse wraps it in a Union report): one clear line.
             lines = [line.strip(" -") for line in str(err).splitlines() if line.strip()]
@@ -345,6 +360,9 @@ def main(args: list[str] | None = None) -> None:
     except (DataError, UsageError) as err:
         print(f"celldiff: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except PartialFailure as err:
+        print(f"celldiff: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except NonFiniteLossError as err:
         print(f"celldiff: error: {err}", file=sys.stderr)
         sys.exit(3)

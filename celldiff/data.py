@@ -757,6 +757,56 @@ def _gather_chw(images: np.ndarray, rows: np.ndarray, transforms: np.ndarray | N
     return out
 
 
+class MaskAssigner:
+    """Gives every image of a batch an inpainting mask (uint8, 1 = missing), on the host.
+
+    Training masks are random: one generator per batch, seeded from the torch global RNG (which
+    Lightning seeds differently in every worker). Evaluation masks are fixed per image: a
+    generator seeded from (seed, cache row), so a test cell gets the same mask in every run, for
+    every model, whatever the batch it lands in.
+
+    Args:
+        masks: Mask types, as ``MaskSampler.from_spec`` takes them (``"nucleus"``,
+            ``"box,brush"``, ``{"box": 1, "brush": 2}``).
+        options: Per-type keyword options, e.g. ``{"box": {"num_boxes": [1, 1]}}``.
+        seed: Seed of the fixed evaluation masks.
+        deterministic: Fixed per-image masks (evaluation) instead of random ones (training).
+    """
+
+    def __init__(
+        self, masks: Any, options: dict[str, dict[str, Any]] | None = None, seed: int = 0, deterministic: bool = False
+    ) -> None:
+        from celldiff.masks import MaskSampler
+
+        try:
+            self.sampler = MaskSampler.from_spec(masks, options=options)
+        except ValueError as err:
+            raise DataError(f"data.masks {masks!r}: {err}") from None
+        self.seed = seed
+        self.deterministic = deterministic
+
+    def __call__(self, images: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Masks (B, 1, S, S) uint8 for uint8 images (B, 3, S, S) from cache rows ``rows``."""
+        x = images.float().div_(127.5).sub_(1.0)  # the nucleus mask reads the stain colours
+        if self.deterministic:
+            masks = torch.stack(
+                [self.sampler(x[i], torch.Generator().manual_seed(mix_seed(self.seed, int(r)))) for i, r in enumerate(rows)]
+            )
+        else:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+            masks = self.sampler.batch(x, generator)
+        return (masks > 0.5).to(torch.uint8)
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix64-style mixing)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
 class CellImageDataset(Dataset):
     """Cached cell images as ``{"image": uint8 (3, S, S), "label": long, "index": int}``.
 
@@ -771,6 +821,8 @@ class CellImageDataset(Dataset):
         indices: Cache rows in this dataset (default all).
         augment: Random flips / 90° rotations from the global torch RNG (seeded per worker).
         predict_seed: If set, items carry ``noise_seed = noise_seed_for(predict_seed, position)``.
+        masker: If set, items carry an inpainting ``mask`` (uint8 (1, S, S), 1 = missing) drawn
+            after augmentation.
     """
 
     def __init__(
@@ -780,12 +832,14 @@ class CellImageDataset(Dataset):
         indices: Sequence[int] | np.ndarray | None = None,
         augment: bool = False,
         predict_seed: int | None = None,
+        masker: MaskAssigner | None = None,
     ) -> None:
         self.images: np.ndarray | None = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(np.arange(len(images)) if indices is None else indices, dtype=np.int64)
         self.augment = augment
         self.predict_seed = predict_seed
+        self.masker = masker
         self._shape = images.shape
         self._file = images.filename if isinstance(images, np.memmap) else None
 
@@ -820,6 +874,8 @@ class CellImageDataset(Dataset):
         batch["index"] = meta[1]
         if self.predict_seed is not None:
             batch["noise_seed"] = meta[2]
+        if self.masker is not None:
+            batch["mask"] = self.masker(batch["image"], rows)
         return batch
 
     def __getitem__(self, position: int) -> dict[str, Any]:
@@ -885,6 +941,20 @@ def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------- datamodule
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """A relative data_dir missing from the working directory is looked up in the repository.
+
+    So the bundled default, ``data/pbc_sample``, works from any directory in a source checkout.
+    """
+    path = Path(data_dir).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    return str(path)
+
+
 class CellDataModule(L.LightningDataModule):
     """PBC cell images for diffusion training: cached uint8 on the host, [-1, 1] on the device.
 
@@ -909,6 +979,17 @@ class CellDataModule(L.LightningDataModule):
             (-1: the whole split).
         predict_seed: Base of each predict item's ``noise_seed``.
         predict_batch_size: Batch size for predict; default ``batch_size``.
+        masks: Inpainting masks with every image (Phase 2): a type (``box``, ``brush``,
+            ``centre``, ``half``, ``outpaint``, ``nucleus``), a comma-separated list, or a dict of
+            weights (``{box: 1, brush: 2}``); ``null`` = no masks. Random for training, fixed
+            per image (seeded by ``mask_seed``) for val/test/predict.
+        eval_masks: Mask types of val/test/predict if they differ from ``masks`` (e.g. train on a
+            mixture, evaluate on ``nucleus``).
+        mask_options: Keyword options per mask type, e.g. ``{box: {num_boxes: [1, 1]}}``.
+        mask_seed: Seed of the fixed evaluation masks.
+        predict_images: Inpaint a user's own images (any size): a folder of images; needs
+            ``predict_masks``. Overrides ``predict_source``.
+        predict_masks: Folder of masks with the images' file stems (white = missing, any size).
     """
 
     def __init__(
@@ -928,8 +1009,19 @@ class CellDataModule(L.LightningDataModule):
         num_predict_samples: int = 16,
         predict_seed: int = 0,
         predict_batch_size: int | None = None,
+        masks: str | list[str] | dict[str, float] | None = None,
+        eval_masks: str | list[str] | dict[str, float] | None = None,
+        mask_options: dict[str, dict[str, Any]] | None = None,
+        mask_seed: int = 0,
+        predict_images: str | None = None,
+        predict_masks: str | None = None,
     ) -> None:
         super().__init__()
+        if (predict_images is None) != (predict_masks is None):
+            raise DataError("data.predict_images and data.predict_masks go together: give both folders")
+        self.predict_images, self.predict_masks = predict_images, predict_masks
+        data_dir = resolve_data_dir(data_dir)
+        self.predict_problems: list[str] = []
         if image_size < 1 or batch_size < 1 or num_workers < 0:
             raise DataError(
                 f"image_size={image_size}, batch_size={batch_size}, num_workers="
@@ -952,6 +1044,15 @@ class CellDataModule(L.LightningDataModule):
         self.cached: CachedData | None = None
         self._split: Split | None = None
         self.datasets: dict[str, CellImageDataset] = {}
+        self.masks, self.mask_options, self.mask_seed = masks, mask_options, mask_seed
+        self.eval_masks = eval_masks if eval_masks is not None else masks
+        # Build the maskers now so a bad mask name fails at start-up, not after decoding.
+        self.train_masker = MaskAssigner(masks, mask_options) if masks is not None else None
+        self.eval_masker = (
+            MaskAssigner(self.eval_masks, mask_options, mask_seed, deterministic=True)
+            if self.eval_masks is not None
+            else None
+        )
 
     def _get_scan(self, fresh: bool = False) -> Scan:
         if self._scan is None or fresh:
@@ -993,6 +1094,8 @@ class CellDataModule(L.LightningDataModule):
             self._built_here = True  # its warning was just shown; setup need not repeat it
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and (self.predict_images is not None or self.predict_source == "noise"):
+            return  # generating, or inpainting the user's files: the dataset is not needed
         if self.cached is None:
             scan = self._get_scan(fresh=not self._scanned_in_prepare)
             self.cached = load_cache(scan, self.image_size, self.cache_dir, warn=not self._built_here)
@@ -1010,7 +1113,11 @@ class CellDataModule(L.LightningDataModule):
         rows = split_indices(self._split, data.relpaths, where)
         for name, split_rows in zip(SPLIT_NAMES, rows, strict=True):
             self.datasets[name] = CellImageDataset(
-                data.images, data.labels, split_rows, augment=self.augment and name == "train"
+                data.images,
+                data.labels,
+                split_rows,
+                augment=self.augment and name == "train",
+                masker=self.train_masker if name == "train" else self.eval_masker,
             )
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
@@ -1044,6 +1151,12 @@ class CellDataModule(L.LightningDataModule):
         return self._loader(self._dataset("test"), self.batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.predict_images is not None:
+            from celldiff.user_images import UserImageDataset
+
+            user = UserImageDataset(self.predict_images, self.predict_masks, self.image_size, self.predict_seed)
+            self.predict_problems = user.problems
+            return DataLoader(user, batch_size=self.predict_batch_size, shuffle=False, num_workers=self.num_workers)
         if self.predict_source == "noise":
             if self.num_predict_samples < 1:
                 raise DataError(
@@ -1064,6 +1177,7 @@ class CellDataModule(L.LightningDataModule):
                 self.cached.labels,
                 source.indices[np.asarray(order, dtype=np.int64)],
                 predict_seed=self.predict_seed,
+                masker=self.eval_masker,
             )
         return self._loader(dataset, self.predict_batch_size, shuffle=False)
 
@@ -1072,4 +1186,6 @@ class CellDataModule(L.LightningDataModule):
         if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
             if batch["image"].dtype == torch.uint8:
                 batch = {**batch, "image": batch["image"].float().div_(127.5).sub_(1.0)}  # leave the input intact
+            if isinstance(batch.get("mask"), torch.Tensor) and batch["mask"].dtype == torch.uint8:
+                batch = {**batch, "mask": batch["mask"].float()}
         return batch

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from celldiff.data import mix_seed as _mix_seed
 from celldiff.masks import inpainting_condition
 from celldiff.sampler import sample as run_sampler
 from celldiff.schedule import NoiseSchedule
@@ -32,15 +33,6 @@ NONFINITE_POLICIES = ("error", "skip", "ignore")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def _mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix64-style mixing)."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
 
 
 def generators_from_seeds(seeds: Sequence[int] | Tensor) -> list[torch.Generator]:
@@ -102,6 +94,7 @@ class DiffusionModule(L.LightningModule):
         sampling_steps: Reverse steps; ``None`` means T for ``ddpm`` and 50 for ``ddim``.
         ddim_eta: DDIM stochasticity (0 = deterministic).
         use_ema: Sample with the EMA weights (validation grids, predict).
+        samples_per_image: Inpainting predict: samples drawn per masked image (diversity).
         noise_seed: Seed of the training/validation noise and timesteps; offset by rank and step.
         nonfinite_loss: What a NaN/inf training loss does: ``error`` stops the run with a message
             naming the step (checked one step late, so it costs no host-device sync), ``skip``
@@ -159,6 +152,7 @@ class DiffusionModule(L.LightningModule):
         sampling_steps: int | None = None,
         ddim_eta: float = 0.0,
         use_ema: bool = True,
+        samples_per_image: int = 1,
         noise_seed: int = 0,
         nonfinite_loss: str = "error",
         channels_last: bool = False,
@@ -391,7 +385,7 @@ class DiffusionModule(L.LightningModule):
         ema_params = list(self.ema_unet.parameters())
         params = [p.detach() for p in self.unet.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for ema_buf, buf in zip(self.ema_unet.buffers(), self.unet.buffers()):
+        for ema_buf, buf in zip(self.ema_unet.buffers(), self.unet.buffers(), strict=True):
             ema_buf.copy_(buf)
 
     # ------------------------------------------------------------------ sampling
@@ -467,9 +461,33 @@ class DiffusionModule(L.LightningModule):
             "resample_times": self.hparams.resample_times,
         }
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        images = self.generate(batch["noise_seed"], condition=self.network_condition(batch))
-        out = {"images": images, "index": batch["index"]}
-        if "label" in batch:
-            out["label"] = batch["label"]
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generate (or, when the batch has masks, inpaint) images for a predict batch.
+
+        With masks, ``samples_per_image`` samples are drawn per image, each with its own seed.
+        Returns ``images`` (B, C, H, W), or (B, K, C, H, W) when inpainting, in [-1, 1], plus the
+        batch's ``index``, ``label``, and for inpainting ``known`` and ``mask`` (and ``path`` /
+        ``mask_path`` of a user's images).
+        """
+        condition = self.network_condition(batch)
+        if "mask" not in condition:
+            images = self.generate(batch["noise_seed"], condition=condition)
+            out = {"images": images, "index": batch["index"]}
+        else:
+            k = self.hparams.samples_per_image
+            seeds = [_mix_seed(int(s), j) for s in batch["noise_seed"].tolist() for j in range(k)]
+            repeated = {
+                key: value.repeat_interleave(k, dim=0) if isinstance(value, Tensor) else value
+                for key, value in condition.items()
+            }
+            images = self.generate(seeds, condition=repeated)
+            out = {
+                "images": images.unflatten(0, (-1, k)),
+                "index": batch["index"],
+                "known": batch["image"],
+                "mask": batch["mask"],
+            }
+        for key in ("label", "path", "mask_path"):
+            if key in batch:
+                out[key] = batch[key]
         return out
