@@ -29,3 +29,19 @@ def test_notebook_01_trains_demo_when_no_checkpoint(tmp_path):
     assert not errors
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # forward process, schedules, loss, samples, real, reverse strip
+
+
+@pytest.mark.slow
+def test_notebook_02_inpainting(tmp_path):
+    overrides = [*TINY_MODEL_ARGS, "--trainer.max_epochs", "1", "--trainer.callbacks.steps", "3"]
+    params = (
+        f"DEMO_RUN_ROOT = {str(tmp_path / 'runs')!r}\nDEMO_OVERRIDES = {overrides!r}\n"
+        "SAMPLING_STEPS = 4\nNUM_CELLS = 4\n"
+    )
+    nb = execute("02_Inpainting_Diffusion", params, tmp_path)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    for method in ("celldiff inpainting", "phase 1 + replacement", "mean fill"):
+        assert text.count(method) == 6  # one row per mask family
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 5
