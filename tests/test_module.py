@@ -181,3 +181,23 @@ def test_nonfinite_loss_skip_keeps_weights_finite():
     assert module._skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in module.unet.parameters())
     assert all(torch.isfinite(p).all() for p in module.ema_unet.parameters())
+
+
+def test_v_prediction_converts_back_to_eps():
+    module = tiny_module(prediction_type="v")
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    noise = torch.randn(4, 3, 16, 16)
+    t = torch.tensor([0, 10, 50, 99])
+    x_t = module.schedule.q_sample(x0, t, noise)
+    v = module.velocity(x0, t, noise)
+
+    class Oracle(torch.nn.Module):  # returns the exact v for this x_t
+        def forward(self, x, t, class_labels=None):
+            return v
+
+    eps = module.make_model_fn(Oracle(), {})(x_t, t)
+    torch.testing.assert_close(eps, noise, atol=1e-4, rtol=0)
+    # The loss of the oracle is zero; the zero-initialised network's is E[v^2] = 1.
+    assert module.diffusion_loss(x0, t, noise, {}, Oracle()).max() < 1e-10
+    with pytest.raises(ValueError, match="prediction_type"):
+        tiny_module(prediction_type="x0")
