@@ -42,6 +42,20 @@ def image_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> np.
     return grid.permute(1, 2, 0).numpy()
 
 
+def labelled_rows(rows: list[tuple[str, np.ndarray]], margin: int = 90) -> np.ndarray:
+    """Stack image rows (H, W, 3) vertically with a text label left of each (PIL's built-in font)."""
+    from PIL import ImageDraw
+
+    width = max(r.shape[1] for _, r in rows)
+    out = []
+    for label, row in rows:
+        canvas = Image.new("RGB", (margin + width, row.shape[0]), (255, 255, 255))
+        canvas.paste(Image.fromarray(row), (margin, 0))
+        ImageDraw.Draw(canvas).text((4, row.shape[0] // 2 - 5), label[: margin // 6], fill=(0, 0, 0))
+        out.append(np.asarray(canvas))
+    return np.concatenate(out)
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """Save an (H, W, 3) uint8 array, writing to a temporary file first so a crash leaves no stub."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +272,7 @@ class PredictionWriter(BasePredictionWriter):
         originals = tensor_to_uint8(known)
         labels = prediction.get("label")
         paths = prediction.get("path")
+        sample_labels = prediction.get("sample_labels")
         for i, index in enumerate(prediction["index"].tolist()):
             if paths is not None:
                 stem = Path(paths[i]).stem
@@ -267,6 +282,11 @@ class PredictionWriter(BasePredictionWriter):
             k = samples.shape[1]
             for j in range(k):
                 suffix = f"_{j}" if k > 1 else ""
+                if sample_labels is not None:  # completed as a chosen class
+                    as_class = self._class_name(pl_module, int(sample_labels[j])) or str(int(sample_labels[j]))
+                    repeats = int((sample_labels == sample_labels[j]).sum())
+                    position = int((sample_labels[:j] == sample_labels[j]).sum())
+                    suffix = f"_as_{as_class}" + (f"_{position}" if repeats > 1 else "")
                 out = samples[i, j].permute(1, 2, 0).numpy()
                 save_png(out, self.output_dir / f"{stem}_inpainted{suffix}.png")
                 if paths is not None:
@@ -274,6 +294,9 @@ class PredictionWriter(BasePredictionWriter):
                     save_png(full, self.output_dir / f"{stem}_fullres{suffix}.png")
             panel = torch.cat([masked_input[i : i + 1], samples[i], originals[i : i + 1]])
             save_png(image_grid(panel, nrow=len(panel)), self.output_dir / f"{stem}_panel.png")
+            if sample_labels is not None:
+                names = ["masked"] + [self._class_name(pl_module, int(c)) or str(int(c)) for c in sample_labels] + ["original"]
+                (self.output_dir / f"{stem}_panel.txt").write_text(" | ".join(names) + "\n")
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier()  # every rank has written its files
@@ -292,6 +315,19 @@ class PredictionWriter(BasePredictionWriter):
             key=lambda p: int(re.search(r"_(\d+)\.png$", p.name).group(1)),
         )
         if not files:
+            return
+        prefixes = [p.name.rsplit("_", 1)[0] for p in files]
+        names = getattr(pl_module.hparams, "class_names", None) or []
+        if getattr(pl_module.hparams, "class_conditional", False) and set(prefixes) <= set(names):
+            # One labelled row per class, in the order they were requested.
+            order = list(dict.fromkeys(prefixes))
+            rows = []
+            for name in order:
+                group = [p for p, prefix in zip(files, prefixes, strict=True) if prefix == name]
+                images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in group])
+                rows.append((name, image_grid(images, nrow=len(group))))
+            save_png(labelled_rows(rows), self.output_dir / "grid.png")
+            print(f"celldiff: wrote {len(files)} images and grid.png (one row per class) to {self.output_dir}")
             return
         images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in files])
         save_png(image_grid(images, self.nrow), self.output_dir / "grid.png")

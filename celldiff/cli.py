@@ -151,6 +151,12 @@ class CellDiffCLI(LightningCLI):
         )
         parser.add_argument("--num_samples", type=int | None, default=None, help="predict: number of images.")
         parser.add_argument("--seed", type=int | None, default=None, help="Seed of everything, incl. sample noise.")
+        parser.add_argument(
+            "--classes",
+            type=str | None,
+            default=None,
+            help="predict with a class-conditional model: class names or ids, e.g. eosinophil,platelet or all.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -210,6 +216,8 @@ class CellDiffCLI(LightningCLI):
             cfg.seed_everything = cfg.seed
             cfg.data.predict_seed = cfg.seed
             seed_everything(cfg.seed, workers=True)
+        if cfg.classes is not None:
+            cfg.data.predict_classes = cfg.classes
         if cfg.num_samples is not None:
             if cfg.num_samples < 1:
                 raise UsageError(f"--num_samples must be at least 1, got {cfg.num_samples}")

@@ -911,26 +911,55 @@ def collate_batch(items: Any) -> Any:
 class NoiseDataset(Dataset):
     """Prediction items for sampling from noise: ``{"index", "noise_seed", "label"}``.
 
+    Without ``classes``, labels cycle through the classes (``index % num_classes``). With
+    ``classes``, there are ``num_samples`` items per class, class by class, and the j-th item of
+    every class has the same noise seed: the same noise under each label.
+
     Args:
-        num_samples: Number of items.
-        num_classes: Labels cycle through the classes (``index % num_classes``).
+        num_samples: Number of items (per class when ``classes`` is given).
+        num_classes: Number of classes of the data.
         predict_seed: Base of each item's ``noise_seed``.
+        classes: Class ids to generate, in order.
     """
 
-    def __init__(self, num_samples: int, num_classes: int, predict_seed: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, num_classes: int, predict_seed: int = 0, classes: Sequence[int] | None = None
+    ) -> None:
         self.num_samples, self.num_classes, self.predict_seed = (num_samples, num_classes, predict_seed)
+        self.classes = list(classes) if classes else None
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples * (len(self.classes) if self.classes else 1)
 
     def __getitem__(self, index: int) -> dict[str, int]:
-        if not 0 <= index < self.num_samples:
+        if not 0 <= index < len(self):
             raise IndexError(index)
-        return {
-            "index": index,
-            "noise_seed": noise_seed_for(self.predict_seed, index),
-            "label": index % self.num_classes,
-        }
+        if self.classes:
+            position, label = index % self.num_samples, self.classes[index // self.num_samples]
+        else:
+            position, label = index, index % max(1, self.num_classes)
+        return {"index": index, "noise_seed": noise_seed_for(self.predict_seed, position), "label": label}
+
+
+def resolve_classes(requested: str | Sequence[str | int], class_names: Sequence[str]) -> list[int]:
+    """Class ids from names or ids (``"eosinophil,platelet"``, ``["3", "7"]``, ``"all"``).
+
+    Raises:
+        DataError: An unknown name or id, naming the valid ones.
+    """
+    items = [p.strip() for p in requested.split(",")] if isinstance(requested, str) else [str(p).strip() for p in requested]
+    if items == ["all"]:
+        return list(range(len(class_names)))
+    ids = []
+    valid = ", ".join(f"{i}={name}" for i, name in enumerate(class_names))
+    for item in items:
+        if item in class_names:
+            ids.append(list(class_names).index(item))
+        elif item.isdigit() and int(item) < len(class_names):
+            ids.append(int(item))
+        else:
+            raise DataError(f"unknown class {item!r}; valid classes are {valid} (or 'all')")
+    return ids
 
 
 def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -990,6 +1019,12 @@ class CellDataModule(L.LightningDataModule):
         predict_images: Inpaint a user's own images (any size): a folder of images; needs
             ``predict_masks``. Overrides ``predict_source``.
         predict_masks: Folder of masks with the images' file stems (white = missing, any size).
+        predict_classes: Class-conditional predict: class names or ids (``eosinophil,platelet``,
+            ``all``). From noise: ``num_predict_samples`` images per class, with the same noise
+            under every label. Inpainting: every image completed as each of these classes.
+        class_balanced: Draw training images with probability inversely proportional to their
+            class's size, so every class is seen equally often (the full PBC data has 1.2k to
+            3.3k images per class). An epoch keeps the train split's length.
     """
 
     def __init__(
@@ -1015,6 +1050,8 @@ class CellDataModule(L.LightningDataModule):
         mask_seed: int = 0,
         predict_images: str | None = None,
         predict_masks: str | None = None,
+        predict_classes: str | list[str] | None = None,
+        class_balanced: bool = False,
     ) -> None:
         super().__init__()
         if (predict_images is None) != (predict_masks is None):
@@ -1022,6 +1059,7 @@ class CellDataModule(L.LightningDataModule):
         self.predict_images, self.predict_masks = predict_images, predict_masks
         data_dir = resolve_data_dir(data_dir)
         self.predict_problems: list[str] = []
+        self.predict_classes, self.class_balanced = predict_classes, class_balanced
         if image_size < 1 or batch_size < 1 or num_workers < 0:
             raise DataError(
                 f"image_size={image_size}, batch_size={batch_size}, num_workers="
@@ -1138,11 +1176,34 @@ class CellDataModule(L.LightningDataModule):
             raise RuntimeError(f"CellDataModule.{name}_dataloader needs setup() to have run")
         return self.datasets[name]
 
+    @property
+    def predict_class_ids(self) -> list[int] | None:
+        """``predict_classes`` as class ids (None when not set)."""
+        if self.predict_classes is None:
+            return None
+        return resolve_classes(self.predict_classes, self.class_names)
+
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
         if len(dataset) == 0:
             raise DataError(f"the train split of {self.data_dir} is empty")
-        return self._loader(dataset, self.batch_size, shuffle=True)
+        if not self.class_balanced:
+            return self._loader(dataset, self.batch_size, shuffle=True)
+        labels = dataset.labels[dataset.indices]
+        counts = np.bincount(labels, minlength=self.num_classes)
+        weights = torch.from_numpy(1.0 / counts[labels])
+        # Lightning wraps this sampler for DDP, so every rank draws its share of the epoch.
+        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
+        return DataLoader(
+            _Batched(dataset),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_batch,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), self.batch_size, shuffle=False)
@@ -1162,7 +1223,9 @@ class CellDataModule(L.LightningDataModule):
                 raise DataError(
                     f'num_predict_samples={self.num_predict_samples}: expected ≥ 1 for predict_source "noise"'
                 )
-            dataset: Dataset = NoiseDataset(self.num_predict_samples, self.num_classes, self.predict_seed)
+            dataset: Dataset = NoiseDataset(
+                self.num_predict_samples, self.num_classes, self.predict_seed, self.predict_class_ids
+            )
         else:
             source = self._dataset(self.predict_source)
             assert self.cached is not None
@@ -1188,4 +1251,9 @@ class CellDataModule(L.LightningDataModule):
                 batch = {**batch, "image": batch["image"].float().div_(127.5).sub_(1.0)}  # leave the input intact
             if isinstance(batch.get("mask"), torch.Tensor) and batch["mask"].dtype == torch.uint8:
                 batch = {**batch, "mask": batch["mask"].float()}
+            trainer = self.trainer
+            if "mask" in batch and self.predict_classes is not None and trainer is not None and trainer.predicting:
+                # Inpaint every image as each requested class (a counterfactual panel per cell).
+                ids = torch.tensor(self.predict_class_ids, device=batch["image"].device)
+                batch = {**batch, "target_classes": ids}
         return batch

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from celldiff.data import mix_seed as _mix_seed
 from celldiff.masks import inpainting_condition
+from celldiff.sampler import guided_model_fn
 from celldiff.sampler import sample as run_sampler
 from celldiff.schedule import NoiseSchedule
 from celldiff.unet import UNet
@@ -61,7 +62,13 @@ class DiffusionModule(L.LightningModule):
         num_classes: Number of cell classes in the data (linked from the data module). Only used
             when ``class_conditional`` is true.
         class_names: Names of the classes (linked from the data module); used in file names.
-        class_conditional: Condition the U-Net on the class label (Phase 3).
+        class_conditional: Condition the U-Net on the class label with a learned embedding added
+            to the timestep embedding (Phase 3).
+        label_dropout: Class-conditional training: probability of replacing a label by the null
+            class, so the same network also learns the unconditional model (classifier-free
+            guidance, Ho & Salimans 2022). The null embedding is always in the graph.
+        guidance_scale: Classifier-free guidance at sampling: eps = eps_u + s (eps_c - eps_u);
+            1 = conditional only, 0 = unconditional, > 1 stronger class features.
         base_channels: Channels of the first U-Net level.
         channel_mult: Channel multiplier of each U-Net level (one level per entry).
         num_res_blocks: Residual blocks per level.
@@ -129,6 +136,8 @@ class DiffusionModule(L.LightningModule):
         num_classes: int = 0,
         class_names: list[str] | None = None,
         class_conditional: bool = False,
+        label_dropout: float = 0.1,
+        guidance_scale: float = 1.0,
         base_channels: int = 64,
         channel_mult: tuple[int, ...] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
@@ -168,6 +177,10 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"model.lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"model.label_dropout must be in [0, 1), got {label_dropout}")
+        if class_conditional and num_classes < 1:
+            raise ValueError("model.class_conditional needs num_classes >= 1 (linked from the data module)")
         if prediction_type not in ("eps", "v"):
             raise ValueError(f"model.prediction_type must be 'eps' or 'v', got {prediction_type!r}")
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -232,6 +245,11 @@ class DiffusionModule(L.LightningModule):
             )
         return condition
 
+    @property
+    def null_class(self) -> int:
+        """Label index of the null (unconditional) class embedding."""
+        return int(self.hparams.num_classes)
+
     def network_forward(self, net: nn.Module, x_t: Tensor, t: Tensor, **condition: Any) -> Tensor:
         """Run ``net`` on ``x_t`` with its conditioning (inpainting: 7-channel input)."""
         if self.hparams.inpainting:
@@ -284,6 +302,10 @@ class DiffusionModule(L.LightningModule):
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
         condition = self.network_condition(batch)
+        labels = condition.get("class_labels")
+        if labels is not None and self.hparams.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device, generator=gen) < self.hparams.label_dropout
+            condition["class_labels"] = torch.where(drop, self.null_class, labels)
         loss = self.diffusion_loss(x0, t, noise, condition, self.train_network).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return self._guard_nonfinite(loss)
@@ -402,8 +424,22 @@ class DiffusionModule(L.LightningModule):
     def sampling_network(self) -> nn.Module:
         return self.ema_unet if self.hparams.use_ema else self.unet
 
-    def make_model_fn(self, net: nn.Module, condition: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
-        """Close the network and the conditioning over a ``model_fn(x_t, t) -> eps``."""
+    def make_model_fn(
+        self, net: nn.Module, condition: dict[str, Any], guidance_scale: float | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """Close the network and the conditioning over a ``model_fn(x_t, t) -> eps``.
+
+        For a class-conditional model with labels, classifier-free guidance with
+        ``guidance_scale`` (default: the hyperparameter) combines the conditional and the
+        null-class predictions; scale 1 and 0 give exactly one of the two.
+        """
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        labels = condition.get("class_labels")
+        if labels is not None and scale != 1.0:
+            unconditional = {**condition, "class_labels": torch.full_like(labels, self.null_class)}
+            return guided_model_fn(
+                self.make_model_fn(net, condition, 1.0), self.make_model_fn(net, unconditional, 1.0), scale
+            )
 
         def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
             output = self.network_forward(net, x_t, t, **condition).float()
@@ -428,6 +464,7 @@ class DiffusionModule(L.LightningModule):
         steps: int | None = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = False,
+        guidance_scale: float | None = None,
     ) -> Tensor:
         """Sample images with one seeded generator per image.
 
@@ -438,6 +475,7 @@ class DiffusionModule(L.LightningModule):
             steps: Reverse steps; default from the hyperparameters.
             callback: Called at every reverse step with the sampler's state dict.
             progress: Show a progress bar.
+            guidance_scale: Classifier-free guidance scale; default from the hyperparameters.
 
         Returns:
             Images (B, C, H, W), float32 in [-1, 1].
@@ -453,7 +491,7 @@ class DiffusionModule(L.LightningModule):
         net.eval()
         try:
             images = run_sampler(
-                self.make_model_fn(net, condition or {}),
+                self.make_model_fn(net, condition or {}, guidance_scale),
                 self.schedule,
                 shape,
                 method=method,
@@ -494,18 +532,27 @@ class DiffusionModule(L.LightningModule):
             out = {"images": images, "index": batch["index"]}
         else:
             k = self.hparams.samples_per_image
-            seeds = [_mix_seed(int(s), j) for s in batch["noise_seed"].tolist() for j in range(k)]
+            # Class-conditional inpainting as each requested class: a counterfactual per cell.
+            targets = batch.get("target_classes")
+            labels = [None] if targets is None else targets.tolist()
+            per_image = [(label, j) for label in labels for j in range(k)]
+            seeds = [_mix_seed(int(s), j) for s in batch["noise_seed"].tolist() for _, j in per_image]
+            n = len(per_image)
             repeated = {
-                key: value.repeat_interleave(k, dim=0) if isinstance(value, Tensor) else value
+                key: value.repeat_interleave(n, dim=0) if isinstance(value, Tensor) else value
                 for key, value in condition.items()
             }
+            if targets is not None:
+                repeated["class_labels"] = targets.repeat_interleave(k).repeat(len(batch["index"]))
             images = self.generate(seeds, condition=repeated)
             out = {
-                "images": images.unflatten(0, (-1, k)),
+                "images": images.unflatten(0, (-1, n)),
                 "index": batch["index"],
                 "known": batch["image"],
                 "mask": batch["mask"],
             }
+            if targets is not None:
+                out["sample_labels"] = targets.repeat_interleave(k)
         for key in ("label", "path", "mask_path"):
             if key in batch:
                 out[key] = batch[key]

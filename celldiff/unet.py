@@ -303,7 +303,9 @@ class UNet(nn.Module):
                 class_labels = torch.full(
                     (batch,), self.null_class, dtype=torch.long, device=x.device
                 )
-            elif not torch.compiler.is_compiling():
+            elif not (self.training or torch.compiler.is_compiling()):
+                # The value check reads the labels on the host (a device sync): done when
+                # sampling/evaluating, not in the training hot path.
                 _check_labels(class_labels, batch, self.num_classes)
             emb = emb + self.class_embed(class_labels)
         elif class_labels is not None:
