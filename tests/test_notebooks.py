@@ -45,3 +45,16 @@ def test_notebook_02_inpainting(tmp_path):
     for method in ("celldiff inpainting", "phase 1 + replacement", "mean fill"):
         assert text.count(method) == 6  # one row per mask family
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 5
+
+
+@pytest.mark.slow
+def test_notebook_03_class_conditional(tmp_path):
+    overrides = [*TINY_MODEL_ARGS, "--trainer.max_epochs", "1", "--trainer.callbacks.steps", "3"]
+    params = (
+        f"DEMO_RUN_ROOT = {str(tmp_path / 'runs')!r}\nDEMO_OVERRIDES = {overrides!r}\n"
+        "SAMPLING_STEPS = 4\nPER_CLASS = 2\n"
+    )
+    nb = execute("03_class_conditional", params, tmp_path)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 3
