@@ -334,6 +334,112 @@ class PredictionWriter(BasePredictionWriter):
         print(f"celldiff: wrote {len(files)} images and grid.png to {self.output_dir}")
 
 
+class Throughput(L.Callback):
+    """Training speed on the progress bar and in the log: images/s (all ranks) and GPU memory.
+
+    Timed on the host over windows of ``window`` steps, so it adds no device synchronisation: the
+    asynchronous GPU queue averages out over a window.
+
+    Args:
+        window: Steps per measurement.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._start: float | None = None
+        self._images = 0
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._images, self._steps = None, 0, 0  # do not time validation and sampling
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._start is None:  # the first step of an epoch includes loader start-up: skip it
+            self._start = now
+            return
+        self._images += int(batch["image"].shape[0]) * trainer.world_size
+        self._steps += 1
+        if self._steps >= self.window:
+            rate = self._images / (now - self._start)
+            pl_module.log("perf/images_per_sec", rate, prog_bar=True, rank_zero_only=True)
+            if torch.cuda.is_available() and pl_module.device.type == "cuda":
+                memory = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+                pl_module.log("perf/gpu_max_mem_gib", memory, rank_zero_only=True)
+            self._start, self._images, self._steps = now, 0, 0
+
+
+class RNGState(L.Callback):
+    """Save every rank's RNG states (torch, CUDA, numpy, random) in checkpoints and restore them.
+
+    Data order, augmentation and training masks draw from these generators, so a run resumed
+    from an epoch-end checkpoint continues exactly as the uninterrupted run would have (the noise
+    and timesteps of the diffusion loss are a function of the step already).
+    """
+
+    @staticmethod
+    def _states() -> dict[str, Any]:
+        import random
+
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # Checkpoints are loaded with weights_only=True: plain tensors and tuples only.
+            "numpy": [(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+                      for name, keys, pos, has_gauss, cached in [np.random.get_state()]][0],  # fmt: skip
+            "python": random.getstate(),
+        }
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = self._states()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)  # every rank saves; rank 0 writes
+            checkpoint["rng_states"] = gathered
+        else:
+            checkpoint["rng_states"] = [states]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        import random
+
+        saved = checkpoint.get("rng_states")
+        if not saved or trainer.global_rank >= len(saved):
+            return  # another world size: keep the seeded generators
+        states = saved[trainer.global_rank]
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(states["python"])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to its metrics.csv.
+
+    (Lightning's deletes an existing metrics.csv; a resumed run would lose its history.)
+    """
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is None:
+            from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+            class _AppendingWriter(ExperimentWriter):
+                def _check_log_dir_exists(self) -> None:
+                    if self._fs.isfile(self.metrics_file_path):
+                        import csv
+
+                        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                            self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 class SaveSplit(L.Callback):
     """Write the data module's train/val/test split to ``<run_dir>/split.json`` (rank 0)."""
 

@@ -20,7 +20,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from celldiff.callbacks import PredictionWriter, SaveSplit
+from celldiff.callbacks import PredictionWriter, RNGState, SaveSplit, Throughput
 from celldiff.data import CellDataModule, DataError
 from celldiff.module import NonFiniteLossError
 
@@ -165,7 +165,6 @@ class CellDiffCLI(LightningCLI):
                 "checkpoint.filename": "epoch{epoch:04d}-step{step:07d}",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.save_top_k": -1,
-                "checkpoint.every_n_epochs": 1,
             }
         )
         parser.link_arguments("data.image_size", "model.init_args.image_size")
@@ -234,6 +233,10 @@ class CellDiffCLI(LightningCLI):
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
+        if cfg.checkpoint.every_n_train_steps and cfg.checkpoint.every_n_epochs:
+            # Lightning takes one trigger: a step interval given on the command line wins over the
+            # config's epoch interval (SLURM jobs save every N steps).
+            cfg.checkpoint.every_n_epochs = None
         if sub == "predict":
             cfg.trainer.logger = False
         else:
@@ -294,6 +297,8 @@ class CellDiffCLI(LightningCLI):
             if class_path.endswith(("CSVLogger", "TensorBoardLogger")):
                 args.name = ""
                 args.version = ""
+            if class_path == "lightning.pytorch.loggers.CSVLogger":
+                logger.class_path = "celldiff.callbacks.AppendingCSVLogger"  # keeps a resumed run's history
             elif class_path.endswith("WandbLogger"):
                 wandb_mode_guard()
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -327,7 +332,7 @@ class CellDiffCLI(LightningCLI):
         cfg = self.config_init[self.subcommand]
         callbacks = list(cfg.trainer.get("callbacks") or [])
         if self.subcommand == "fit":
-            callbacks.append(SaveSplit())
+            callbacks += [SaveSplit(), Throughput(), RNGState()]
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(cfg.output_dir))
         kwargs["callbacks"] = callbacks

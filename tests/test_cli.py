@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -210,3 +211,63 @@ def test_wandb_without_api_key_goes_offline_with_one_warning(small_sample, tmp_p
     assert len(offline_runs) == 1
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     assert offline_runs[0].name.endswith(run_id)
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+class StopAfterEpochs(L.Callback):
+    """Stops a run at the end of epoch ``n`` (what a pre-empted job looks like to the resume)."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.n:
+            trainer.should_stop = True
+
+
+def test_resume_is_exact_at_epoch_boundaries(small_sample, tmp_path):
+    """Stopped after 1 epoch and resumed == 2 epochs straight: weights, EMA, optimizer, loss curve."""
+    extra = ["--data.masks", "box,brush", "--trainer.callbacks", "[]", "--trainer.log_every_n_steps", "1",
+             "--checkpoint.every_n_epochs", "1"]  # fmt: skip
+    straight = tmp_path / "straight"
+    run_cli(fit_args(small_sample, straight, *extra), tmp_path)
+    split = tmp_path / "resumed"
+    run_cli(fit_args(small_sample, split, *extra, "--trainer.callbacks+=tests.test_cli.StopAfterEpochs"), tmp_path)
+    assert _weights(split / "checkpoints" / "last.ckpt")["global_step"] == 3
+    run_cli(fit_args(small_sample, split, *extra, "--ckpt_path", "last"), tmp_path)
+    a, b = _weights(straight / "checkpoints" / "last.ckpt"), _weights(split / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 6
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for k in opt_a:
+        torch.testing.assert_close(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"], rtol=0, atol=0)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+
+    def losses(run: Path) -> dict[int, str]:
+        rows = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
+        col = rows[0].index("train/loss")
+        return {int(r[1]): r[col] for r in rows[1:] if r[col]}
+
+    # The resumed run appends to the same metrics.csv: every step once, no gap, no repeat.
+    assert losses(split) == losses(straight)
+    assert sorted(losses(split)) == list(range(6))
+
+
+def test_a_crash_while_saving_keeps_the_last_checkpoint(small_sample, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_cli(fit_args(small_sample, run_dir, "--trainer.max_epochs", "1"), tmp_path)
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        run_cli(fit_args(small_sample, run_dir, "--ckpt_path", "last"), tmp_path)
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before  # intact, still loadable
+    monkeypatch.undo()
+    assert _weights(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3

@@ -68,13 +68,13 @@ def test_ema_follows_weights_with_warmup():
     module = tiny_module(ema_decay=0.999, ema_warmup=True)
     raw = list(module.unet.parameters())
     ema = list(module.ema_unet.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(raw, ema))
+    assert all(torch.equal(a, b) for a, b in zip(raw, ema, strict=False))
     assert not any(p.requires_grad for p in ema)
     with torch.no_grad():
         for p in raw:
             p.add_(1.0)
     module.update_ema()  # n = 0: warm-up decay min(0.999, 1/10) = 0.1
-    for p_raw, p_ema, p_old in zip(raw, ema, [p - 1.0 for p in raw]):
+    for p_raw, p_ema, p_old in zip(raw, ema, [p - 1.0 for p in raw], strict=False):
         torch.testing.assert_close(p_ema, 0.1 * p_old + 0.9 * p_raw)
     assert int(module.ema_updates) == 1
 
@@ -85,7 +85,7 @@ def test_ema_start_step_copies_weights():
         for p in module.unet.parameters():
             p.add_(0.5)
     module.update_ema()  # global_step 0 <= start step: the EMA is a copy
-    assert all(torch.equal(a, b) for a, b in zip(module.unet.parameters(), module.ema_unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(module.unet.parameters(), module.ema_unet.parameters(), strict=False))
     assert int(module.ema_updates) == 0
 
 
@@ -146,7 +146,7 @@ def test_lr_warmup_then_cosine():
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert lrs[110] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lr_factor(500, 10, 110, "constant", 0.1) == 1.0
 
 
