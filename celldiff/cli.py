@@ -130,7 +130,8 @@ class RunConfigSaver(SaveConfigCallback):
 class CellDiffCLI(LightningCLI):
     """LightningCLI for celldiff (see the README for the commands)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, evaluate: bool = False, **kwargs: Any) -> None:
+        self.evaluate_mode = evaluate  # `celldiff evaluate` = the test parser + run_evaluation
         kwargs.setdefault("model_class", None)
         kwargs.setdefault("datamodule_class", CellDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -156,6 +157,13 @@ class CellDiffCLI(LightningCLI):
             type=str | None,
             default=None,
             help="predict with a class-conditional model: class names or ids, e.g. eosinophil,platelet or all.",
+        )
+        parser.add_argument("--classifier_ckpt", type=str | None, default=None, help="evaluate: cell classifier checkpoint.")
+        parser.add_argument(
+            "--metrics.inception_weights",
+            type=str | None,
+            default=None,
+            help="evaluate: local Inception weights (torch-fidelity's .pth) for FID/KID; never downloaded.",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -217,7 +225,7 @@ class CellDiffCLI(LightningCLI):
             seed_everything(cfg.seed, workers=True)
         if cfg.classes is not None:
             cfg.data.predict_classes = cfg.classes
-        if cfg.num_samples is not None:
+        if cfg.num_samples is not None and not self.evaluate_mode:
             if cfg.num_samples < 1:
                 raise UsageError(f"--num_samples must be at least 1, got {cfg.num_samples}")
             inpainting = cfg.data.masks is not None or cfg.data.predict_images is not None
@@ -237,18 +245,18 @@ class CellDiffCLI(LightningCLI):
             # Lightning takes one trigger: a step interval given on the command line wins over the
             # config's epoch interval (SLURM jobs save every N steps).
             cfg.checkpoint.every_n_epochs = None
-        if sub == "predict":
+        if sub == "predict" or self.evaluate_mode:
             cfg.trainer.logger = False
         else:
             cfg.trainer.logger = self._patch_loggers(cfg.trainer.logger, run_dir, stem)
-        print(f"celldiff: {sub} run directory: {run_dir}", file=sys.stderr)
+        print(f"celldiff: {'evaluate' if self.evaluate_mode else sub} run directory: {run_dir}", file=sys.stderr)
 
     def _resolve_run_dir(self, sub: str, cfg: Namespace, stem: str) -> Path:
-        if sub == "predict":
+        if sub == "predict" or self.evaluate_mode:
             out = cfg.output_dir
             if out is None:
                 base = Path(cfg.ckpt_path).resolve().parent.parent if cfg.ckpt_path else Path(RUNS_ROOT) / stem
-                out = base / f"predict-{_timestamp()}"
+                out = base / f"{'evaluate' if self.evaluate_mode else 'predict'}-{_timestamp()}"
             out = Path(out)
             if out.exists() and any(out.iterdir()):
                 raise UsageError(f"--output_dir {out} is not empty; choose a new or empty directory (nothing was overwritten)")
@@ -311,6 +319,35 @@ class CellDiffCLI(LightningCLI):
                 args.resume = "allow"
         return value
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        if not self.evaluate_mode:
+            return super()._run_subcommand(subcommand)
+        from celldiff.classifier import load_classifier
+        from celldiff.evaluate import run_evaluation
+
+        cfg = self.config_init[subcommand]
+        if not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file():
+            raise UsageError(f"evaluate needs --ckpt_path of a diffusion checkpoint (got {cfg.ckpt_path})")
+        if not cfg.classifier_ckpt or not Path(cfg.classifier_ckpt).is_file():
+            raise UsageError(
+                f"evaluate needs --classifier_ckpt of a cell classifier (celldiff fit --config configs/classifier.yaml); got {cfg.classifier_ckpt}"
+            )
+        device = self.trainer.strategy.root_device
+        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        self.model.load_state_dict(state)
+        self.model.to(device).eval()
+        classifier = load_classifier(cfg.classifier_ckpt).to(device)
+        run_evaluation(
+            self.model,
+            self.datamodule,
+            classifier,
+            cfg.output_dir,
+            num_samples=cfg.num_samples or 512,
+            seed=cfg.seed if cfg.seed is not None else 0,
+            batch_size=self.datamodule.batch_size,
+            inception_weights=cfg.metrics.inception_weights if cfg.get("metrics") else None,
+        )
+
     def after_predict(self) -> None:
         problems = getattr(self.datamodule, "predict_problems", [])
         if problems:
@@ -368,8 +405,11 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``celldiff`` console script."""
     torch.set_float32_matmul_precision("high")
     args = _default_logger_save_dir(sys.argv[1:] if args is None else args)
+    evaluate = bool(args) and args[0] == "evaluate"
+    if evaluate:  # the test subcommand's parser, then celldiff.evaluate instead of trainer.test
+        args = ["test", *args[1:]]
     try:
-        CellDiffCLI(args=args)
+        CellDiffCLI(args=args, evaluate=evaluate)
     except (DataError, UsageError) as err:
         print(f"celldiff: error: {err}", file=sys.stderr)
         sys.exit(2)
