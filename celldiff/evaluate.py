@@ -49,7 +49,7 @@ def _to_float(images_uint8: Tensor) -> Tensor:
 def _mask_families(spec: Any) -> list[str]:
     """The mask types named by a data.masks / data.eval_masks spec, each evaluated on its own."""
     sampler = MaskSampler.from_spec(spec)
-    return [name for name in MASK_TYPES if name in sampler.mask_types]
+    return [name for name in MASK_TYPES if name in sampler.names]
 
 
 @torch.no_grad()
