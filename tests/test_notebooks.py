@@ -52,9 +52,12 @@ def test_notebook_03_class_conditional(tmp_path):
     overrides = [*TINY_MODEL_ARGS, "--trainer.max_epochs", "1", "--trainer.callbacks.steps", "3"]
     params = (
         f"DEMO_RUN_ROOT = {str(tmp_path / 'runs')!r}\nDEMO_OVERRIDES = {overrides!r}\n"
-        "SAMPLING_STEPS = 4\nPER_CLASS = 2\n"
+        "SAMPLING_STEPS = 4\nPER_CLASS = 2\nEVAL_SAMPLES = 16\n"
+        f"CLASSIFIER_OVERRIDES = {['--trainer.max_epochs', '1', '--data.image_size', '16', '--model.width', '8']!r}\n"
     )
     nb = execute("03_class_conditional", params, tmp_path)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 3
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert text.count("guidance: ") == 4

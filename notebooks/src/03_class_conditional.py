@@ -7,7 +7,9 @@
 #
 # 1. samples per class at several guidance scales,
 # 2. the same noise under each label,
-# 3. class-conditional nucleus inpainting: one cell, its nucleus masked, completed as each class.
+# 3. class-conditional nucleus inpainting: one cell, its nucleus masked, completed as each class,
+# 4. fidelity by guidance scale: a cell classifier's accuracy on generated cells and the Fréchet
+#    distance in its features.
 #
 # Set the checkpoints in the next cell; without them the notebook trains the two Phase 3 demo
 # configs first (a few minutes each on a CPU).
@@ -20,8 +22,11 @@ DATA_DIR = "data/pbc_sample"
 SPLIT_FILE = None  # the inpainting run's split.json (test cells the model never saw)
 DEMO_RUN_ROOT = "runs/notebook03"
 DEMO_OVERRIDES: list[str] = []
+CLASSIFIER_OVERRIDES: list[str] = []  # extra CLI arguments for the demo classifier run
 GUIDANCE_SCALES = [0.0, 1.0, 2.0, 4.0]
 PER_CLASS = 4
+CLASSIFIER_CKPT = None  # configs/classifier.yaml checkpoint, or None to train the demo classifier
+EVAL_SAMPLES = 64  # generated cells per guidance scale for the fidelity table
 SAMPLER, SAMPLING_STEPS = "ddim", 50
 SEED = 0
 
@@ -43,12 +48,12 @@ from celldiff.module import DiffusionModule  # noqa: E402
 torch.set_grad_enabled(False)
 
 
-def train_demo(config: str, name: str) -> Path:
+def train_demo(config: str, name: str, overrides: list[str] | None = None) -> Path:
     run_dir = ROOT / DEMO_RUN_ROOT / name
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         cmd = [sys.executable, "-m", "celldiff.cli", "fit", "--config", config, "--run_dir", str(run_dir),
-               "--trainer.enable_progress_bar", "false", *DEMO_OVERRIDES]  # fmt: skip
+               "--trainer.enable_progress_bar", "false", *(DEMO_OVERRIDES if overrides is None else overrides)]  # fmt: skip
         print(" ".join(cmd))
         subprocess.run(cmd, check=True, env={**os.environ, "WANDB_MODE": "offline"})
     return ckpt
@@ -138,9 +143,35 @@ ax.set_yticks([(i + 0.5) * (size + 2) for i in range(len(picks))],
 ax.set_title("nucleus masked, completed as each class (guidance 2)");
 
 # %% [markdown]
-# ## 4. Fidelity of the generated cells
+# ## 4. Fidelity of the generated cells, by guidance scale
 #
-# How well conditioning preserves cell morphology is measured with a cell-type classifier of our
-# own (accuracy of the classifier on generated cells per requested class, and the Fréchet distance
-# in its feature space per class, at guidance 0, 1, 2, 4). Those measurements come with
-# `celldiff evaluate` (the evaluation issue) and are added here once it exists.
+# `celldiff evaluate` in the notebook: for each guidance scale, EVAL_SAMPLES cells (balanced over
+# the classes, fixed seed) are judged by the cell-type classifier: its accuracy on the generated
+# cells per requested class (does a generated eosinophil look like an eosinophil?) and the Fréchet
+# distance per class in its feature space, next to the real-vs-real floor at the same n.
+# With the demo checkpoints and the 320-image sample these are rough figures (tiny n).
+
+# %%
+from celldiff.classifier import load_classifier  # noqa: E402
+from celldiff.evaluate import run_evaluation  # noqa: E402
+
+if CLASSIFIER_CKPT is None:
+    CLASSIFIER_CKPT = train_demo("configs/demo_classifier.yaml", "classifier", CLASSIFIER_OVERRIDES)
+classifier = load_classifier(CLASSIFIER_CKPT)
+eval_dm = CellDataModule(DATA_DIR, image_size=model.hparams.image_size)
+table = []
+for scale in GUIDANCE_SCALES:
+    model.hparams.guidance_scale = scale
+    m = run_evaluation(model, eval_dm, classifier, Path(DEMO_RUN_ROOT) / f"eval_guidance_{scale}",
+                       num_samples=EVAL_SAMPLES, seed=SEED, sampler=SAMPLER, steps=SAMPLING_STEPS)  # fmt: skip
+    row = {"guidance": scale, "accuracy": m["classifier"]["accuracy"], "FD": m["frechet_distance"],
+           "floor": m["frechet_distance_floor"], "precision": m["precision"], "recall": m["recall"]}  # fmt: skip
+    row.update({f"acc {k}": v for k, v in m["classifier"]["per_class_accuracy"].items()})
+    table.append(row)
+print(f"n = {EVAL_SAMPLES} generated cells per scale")
+for row in table:
+    print("  ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items()))
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.plot(GUIDANCE_SCALES, [r["accuracy"] for r in table], "o-", label="classifier accuracy on generated cells")
+ax.set(xlabel="guidance scale", ylabel="accuracy", ylim=(0, 1))
+ax.legend();
