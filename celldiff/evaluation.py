@@ -195,7 +195,9 @@ def precision_recall(
     """
     real, fake = _as_float64(real_feats), _as_float64(fake_feats)
     if min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"precision_recall needs more than k={k} samples per set, got {real.shape[0]}, {fake.shape[0]}")
+        raise ValueError(
+            f"precision_recall needs more than k={k} samples per set, got {real.shape[0]}, {fake.shape[0]}"
+        )
     real_radii = _kth_neighbour_radius(real, k, chunk)
     fake_radii = _kth_neighbour_radius(fake, k, chunk)
     precision = _inside_manifold(fake, real, real_radii, chunk).double().mean()
@@ -487,11 +489,9 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
 
     inception = metrics.get("inception")
     if inception:
-        rows = [
-            {"metric": "Inception FID", "value": inception.get("inception_fid"), "n": inception.get("num_generated")},
-            {"metric": "Inception KID (mean)", "value": inception.get("inception_kid_mean"), "n": inception.get("num_generated")},
-            {"metric": "Inception KID (std)", "value": inception.get("inception_kid_std"), "n": inception.get("num_generated")},
-        ]
+        labels = {"inception_fid": "FID", "inception_kid_mean": "KID (mean)", "inception_kid_std": "KID (std)"}
+        n = inception.get("num_generated")
+        rows = [{"metric": label, "value": inception.get(key), "n": n} for key, label in labels.items()]
         sections.append(
             "## Inception (ImageNet features)\n\n"
             + markdown_table(rows, ["metric", "value", "n"])

@@ -1,0 +1,247 @@
+"""Evaluation metrics on toy data with known answers; Inception metrics skipped offline, never downloaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from celldiff.classifier import CellClassifier
+from celldiff.evaluation import (
+    classifier_report,
+    extract_features,
+    frechet_distance,
+    frechet_distance_floor,
+    inception_metrics,
+    markdown_table,
+    memorisation_report,
+    nearest_neighbours,
+    precision_recall,
+    write_report,
+)
+
+
+def _exact_gaussian_sample(n: int, mean: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
+    """n points whose sample mean and (unbiased) covariance are exactly ``mean`` and diag(std²)."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    cov = z.T @ z / (n - 1)
+    whitened = z @ torch.linalg.inv(torch.linalg.cholesky(cov)).T  # sample covariance = I
+    return whitened * std + mean
+
+
+# ----------------------------------------------------------------------------------- Fréchet
+
+
+def test_frechet_of_a_set_with_itself_is_zero():
+    feats = torch.randn(500, 32, generator=torch.Generator().manual_seed(0))
+    total_variance = float(torch.cov(feats.T.double()).trace())
+    assert frechet_distance(feats, feats) < 1e-6 * total_variance
+    assert frechet_distance(feats.numpy(), feats.numpy()) < 1e-6 * total_variance
+
+
+def test_frechet_matches_the_closed_form_for_diagonal_gaussians():
+    mean_a, mean_b = torch.tensor([0.0, 1.0, -2.0, 0.5]), torch.tensor([1.0, 1.0, 0.0, -0.5])
+    var_a, var_b = torch.tensor([1.0, 4.0, 0.25, 2.0]), torch.tensor([9.0, 1.0, 0.25, 0.5])
+    a = _exact_gaussian_sample(300, mean_a.double(), var_a.double().sqrt(), seed=1)
+    b = _exact_gaussian_sample(200, mean_b.double(), var_b.double().sqrt(), seed=2)
+    # ||μa − μb||² + Σ (σa² + σb² − 2 σa σb) for diagonal covariances.
+    expected = float((mean_a - mean_b).square().sum() + (var_a + var_b - 2 * (var_a * var_b).sqrt()).sum())
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(b, a) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+
+
+def test_frechet_is_symmetric_and_grows_with_a_mean_shift():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(400, 16, generator=gen) @ torch.randn(16, 16, generator=gen)  # correlated features
+    b = torch.randn(400, 16, generator=gen)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
+    direction = torch.randn(16, generator=gen)
+    distances = [frechet_distance(a, a + s * direction) for s in (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)]
+    assert all(x < y for x, y in zip(distances, distances[1:], strict=False))
+    # A pure shift moves only the mean term: d = s² ||direction||².
+    assert distances[-1] == pytest.approx(25 * float(direction.double().square().sum()), rel=1e-6)
+
+
+def test_frechet_floor_uses_disjoint_halves_reproducibly():
+    feats = torch.randn(101, 8, generator=torch.Generator().manual_seed(4))
+    floor, n = frechet_distance_floor(feats, generator=torch.Generator().manual_seed(0))
+    assert n == 50 and floor > 0
+    again, _ = frechet_distance_floor(feats, generator=torch.Generator().manual_seed(0))
+    assert again == floor
+    _, n_small = frechet_distance_floor(feats, n=20, generator=torch.Generator().manual_seed(0))
+    assert n_small == 20
+    _, n_capped = frechet_distance_floor(feats, n=1000)
+    assert n_capped == 50
+
+
+# ----------------------------------------------------------------------------------- precision / recall
+
+
+def test_precision_recall_on_toy_distributions():
+    gen = torch.Generator().manual_seed(5)
+    real = torch.randn(1000, 4, generator=gen)
+    same = torch.randn(1000, 4, generator=gen)
+    precision, recall = precision_recall(real, same, k=3)
+    assert precision > 0.8 and recall > 0.8
+
+    far = torch.randn(500, 4, generator=gen) + 20.0
+    precision, recall = precision_recall(real, far, k=3)
+    assert precision == 0.0 and recall == 0.0
+
+    # Real data has two modes; the fakes cover one of them: faithful (high precision), half the coverage.
+    offset = torch.tensor([30.0, 0, 0, 0])
+    two_modes = torch.cat([torch.randn(500, 4, generator=gen), torch.randn(500, 4, generator=gen) + offset])
+    one_mode = torch.randn(1000, 4, generator=gen)
+    precision, recall = precision_recall(two_modes, one_mode, k=3)
+    assert precision > 0.85
+    assert recall == pytest.approx(0.5, abs=0.06)
+
+
+# ----------------------------------------------------------------------------------- nearest neighbours, memorisation
+
+
+def test_nearest_neighbours_matches_brute_force_and_finds_exact_copies():
+    gen = torch.Generator().manual_seed(6)
+    refs = torch.rand(50, 3, 8, 8, generator=gen) * 2 - 1
+    queries = torch.cat([torch.rand(7, 3, 8, 8, generator=gen) * 2 - 1, refs[[13, 41]]])
+    distances, indices = nearest_neighbours(queries, refs, chunk=4)
+    brute = torch.cdist(
+        queries.flatten(1).double(), refs.flatten(1).double(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+    assert torch.equal(indices, brute.argmin(1))
+    assert torch.allclose(distances, brute.min(1).values, rtol=1e-12)
+    assert indices[-2:].tolist() == [13, 41] and distances[-2:].tolist() == [0.0, 0.0]
+
+
+def test_memorisation_flags_a_planted_copy_and_nothing_else():
+    gen = torch.Generator().manual_seed(7)
+    train = torch.rand(200, 3, 8, 8, generator=gen) * 2 - 1
+    test = torch.rand(100, 3, 8, 8, generator=gen) * 2 - 1
+    generated = torch.rand(30, 3, 8, 8, generator=gen) * 2 - 1
+    generated[11] = train[42]  # a verbatim copy of a training image
+    project = torch.randn(192, 16, generator=gen)
+
+    def feats(x: torch.Tensor) -> torch.Tensor:  # stand-in for classifier features
+        return x.flatten(1) @ project
+
+    report = memorisation_report(generated, feats(generated), train, feats(train), test, feats(test), top=5)
+    first = report["closest_pairs"][0]
+    assert (first["generated"], first["train"], first["pixel_distance"]) == (11, 42, 0.0)
+    assert first["feature_nearest_train"] == 42 and first["feature_distance_to_nearest"] == pytest.approx(0, abs=1e-9)
+    assert report["copy_candidates"] == [11]
+    assert report["pixel"]["fraction_below_test_p01"] == pytest.approx(1 / 30)
+    assert len(report["closest_pairs"]) == 5
+    # Non-copies sit where unseen real images sit.
+    assert 0.8 < report["pixel"]["median_ratio"] < 1.2
+    assert report["num_generated"] == 30 and report["num_train"] == 200 and report["num_test"] == 100
+
+
+# ----------------------------------------------------------------------------------- classifier-based
+
+
+class _FixedClassifier(torch.nn.Module):
+    """Predicts the class written in the first pixel (a known answer for classifier_report)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+        return torch.nn.functional.one_hot(cls, 3).float() * 10 * self.scale
+
+
+def test_classifier_report_counts_requested_against_predicted():
+    predicted = torch.tensor([0, 0, 1, 1, 1, 2, 0, 2])
+    requested = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = predicted.to(torch.uint8)
+    report = classifier_report(_FixedClassifier(), images, requested, ["a", "b", "c"], batch_size=3)
+    assert report["confusion_matrix"] == [[2, 1, 0], [0, 2, 1], [1, 0, 1]]
+    assert report["per_class_accuracy"] == {"a": pytest.approx(2 / 3), "b": pytest.approx(2 / 3), "c": 0.5}
+    assert report["per_class_count"] == {"a": 3, "b": 3, "c": 2}
+    assert report["accuracy"] == pytest.approx(5 / 8) and report["num_samples"] == 8
+
+
+def test_extract_features_eval_mode_and_restores_training():
+    model = CellClassifier(image_size=16, num_classes=8, width=4, feature_dim=12)
+    model.train()
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    feats = extract_features(model, images, batch_size=2)
+    assert feats.shape == (5, 12) and not feats.requires_grad
+    assert model.training  # restored
+    # Eval mode (BatchNorm running statistics): features do not depend on the batch.
+    single = extract_features(model, images[:1])
+    assert torch.allclose(single, feats[:1], atol=1e-6)
+    assert torch.allclose(extract_features(model, images.float() / 127.5 - 1), feats, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- Inception (offline)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_inception_metrics_without_weights_are_skipped_with_a_reason(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached weights there
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    metrics, reason = inception_metrics(images, images, None)
+    assert metrics is None and "skipped" in reason and "weights" in reason
+    metrics, reason = inception_metrics(images, images, str(tmp_path / "missing.pth"))
+    assert metrics is None and "missing.pth" in reason and "does not exist" in reason
+
+
+def test_inception_metrics_without_torch_fidelity_are_skipped(tmp_path, no_network):
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if _TORCH_FIDELITY_AVAILABLE:
+        pytest.skip("torch-fidelity is installed")
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"not used")
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    metrics, reason = inception_metrics(images, images, str(weights))
+    assert metrics is None and "torch-fidelity" in reason
+
+
+# ----------------------------------------------------------------------------------- reports
+
+
+def test_markdown_table():
+    table = markdown_table([{"a": 1, "b": 0.123456}, {"a": "x|y"}], ["a", "b"])
+    assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 0.1235 |", "| x\\|y | – |"]
+
+
+def test_write_report_writes_json_and_markdown(tmp_path):
+    classifier = {
+        "accuracy": 0.75, "per_class_accuracy": {"a": 1.0, "b": 0.5}, "per_class_count": {"a": 2, "b": 2},
+        "mean_confidence": 0.7, "class_names": ["a", "b"], "confusion_matrix": [[2, 0], [1, 1]], "num_samples": 4,
+    }  # fmt: skip
+    metrics = {
+        "frechet_distance": 12.5, "num_samples": 64, "num_real": 640, "frechet_distance_floor": 3.25,
+        "frechet_distance_floor_n": 64, "precision": 0.8, "recall": 0.6, "classifier": classifier,
+        "inception_skipped": "Inception FID/KID skipped: no weights", "sampler": "ddim", "nan_metric": math.nan,
+        "array": np.arange(3), "tensor": torch.tensor(1.5),
+    }  # fmt: skip
+    json_path, md_path = write_report(metrics, tmp_path / "report")
+    saved = json.loads(json_path.read_text())
+    assert saved["frechet_distance"] == 12.5 and saved["frechet_distance_floor"] == 3.25 and saved["num_samples"] == 64
+    assert saved["nan_metric"] is None and saved["array"] == [0, 1, 2] and saved["tensor"] == 1.5
+    md = md_path.read_text()
+    assert "| frechet_distance | 12.5 | 64 |" in md and "| frechet_distance_floor | 3.25 | 64 |" in md
+    assert "biased" in md and "64 generated vs 640 real" in md
+    assert "Inception FID/KID skipped: no weights" in md
+    assert "| b | 1 | 1 |" in md  # confusion row: requested b, predicted a once and b once
+    assert "| sampler | ddim |" in md
+    with pytest.raises(ValueError, match="frechet_distance_floor"):
+        write_report({"frechet_distance": 1.0, "num_samples": 3}, tmp_path / "bad")
