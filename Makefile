@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 test-all: test test-slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check celldiff tests benchmarks
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py

@@ -37,7 +37,7 @@ import torch
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
 os.chdir(ROOT)
 from celldiff.callbacks import image_grid  # noqa: E402
-from celldiff.data import build_cache, load_cache, scan_dataset, tensor_to_uint8  # noqa: E402
+from celldiff.data import build_cache, load_cache, scan_dataset  # noqa: E402
 from celldiff.module import DiffusionModule  # noqa: E402
 from celldiff.schedule import NoiseSchedule  # noqa: E402
 

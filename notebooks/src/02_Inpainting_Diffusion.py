@@ -43,7 +43,7 @@ ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml
 os.chdir(ROOT)
 from celldiff.callbacks import image_grid  # noqa: E402
 from celldiff.data import CellDataModule  # noqa: E402
-from celldiff.masks import MASK_TYPES, MaskSampler  # noqa: E402
+from celldiff.masks import MASK_TYPES  # noqa: E402
 from celldiff.metrics import inpainting_metrics  # noqa: E402
 from celldiff.module import DiffusionModule  # noqa: E402
 
