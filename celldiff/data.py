@@ -1158,13 +1158,17 @@ class CellDataModule(L.LightningDataModule):
                 masker=self.train_masker if name == "train" else self.eval_masker,
             )
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: torch.utils.data.Sampler | None = None
+    ) -> DataLoader:
         workers = self.num_workers
+        training = shuffle or sampler is not None
         return DataLoader(
             _Batched(dataset) if isinstance(dataset, CellImageDataset) else dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,  # keep tiny train sets usable
+            sampler=sampler,
+            drop_last=training and len(dataset) >= batch_size,  # keep tiny train sets usable
             num_workers=workers,
             collate_fn=collate_batch,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -1194,16 +1198,7 @@ class CellDataModule(L.LightningDataModule):
         weights = torch.from_numpy(1.0 / counts[labels])
         # Lightning wraps this sampler for DDP, so every rank draws its share of the epoch.
         sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
-        return DataLoader(
-            _Batched(dataset),
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), self.batch_size, shuffle=False)
