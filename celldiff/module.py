@@ -261,18 +261,39 @@ class DiffusionModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     # ------------------------------------------------------------------ randomness
-    def _generator(self, *seed_parts: int) -> torch.Generator:
-        """A generator on this module's device, reseeded from (noise_seed, rank, *seed_parts).
+    def _generator(self, *seed_parts: int, per_rank: bool = True) -> torch.Generator:
+        """A generator on this module's device, reseeded from (noise_seed, [rank,] *seed_parts).
 
-        Reseeding from the step makes the training noise a pure function of (seed, rank, step),
-        so a resumed run draws exactly the noise the uninterrupted run would have drawn.
+        Reseeding from the step makes the noise a pure function of (seed, rank, step), so a
+        resumed run draws exactly the noise the uninterrupted run would have drawn.
         """
         device = self.device
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        gen.manual_seed(_mix_seed(self.hparams.noise_seed, self.global_rank, *seed_parts))
+        rank = (self.global_rank,) if per_rank else ()
+        gen.manual_seed(_mix_seed(self.hparams.noise_seed, *rank, *seed_parts))
         return gen
+
+    def _training_randomness(
+        self, batch_size: int, batch_idx: int, with_labels: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Timesteps, noise and label-dropout draws of this rank's share of the global batch.
+
+        Every rank draws the whole global batch's randomness from the same (seed, step) generator
+        and keeps its own slice: each rank gets different noise, and N processes with batch b
+        train exactly like one process with batch N * b on the same images.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank
+        total = world * batch_size
+        gen = self._generator(0, self.global_step, batch_idx, per_rank=False)  # batch_idx: accumulation
+        device, shape = self.device, (self.hparams.image_channels, self.hparams.image_size, self.hparams.image_size)
+        t = torch.randint(0, self.schedule.num_timesteps, (total,), device=device, generator=gen)
+        noise = torch.randn((total, *shape), device=device, generator=gen)
+        drop = torch.rand((total,), device=device, generator=gen) if with_labels else None
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        return t[mine], noise[mine], drop[mine] if drop is not None else None
 
     # ------------------------------------------------------------------ loss
     def diffusion_loss(
@@ -298,16 +319,15 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x0 = batch["image"]
-        gen = self._generator(0, self.global_step, batch_idx)
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
         condition = self.network_condition(batch)
         labels = condition.get("class_labels")
+        t, noise, drop = self._training_randomness(x0.shape[0], batch_idx, labels is not None)
+        noise = noise.to(x0.dtype)
         if labels is not None and self.hparams.label_dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device, generator=gen) < self.hparams.label_dropout
-            condition["class_labels"] = torch.where(drop, self.null_class, labels)
+            condition["class_labels"] = torch.where(drop < self.hparams.label_dropout, self.null_class, labels)
         loss = self.diffusion_loss(x0, t, noise, condition, self.train_network).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        # sync_dist: the logged loss is the global batch's (an all-reduce, no host sync).
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         return self._guard_nonfinite(loss)
 
     def _guard_nonfinite(self, loss: Tensor) -> Tensor | None:
