@@ -346,29 +346,29 @@ class Throughput(L.Callback):
 
     def __init__(self, window: int = 20) -> None:
         self.window = window
-        self._start: float | None = None
+        self._last: float | None = None
+        self._seconds = 0.0
         self._images = 0
         self._steps = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._images, self._steps = None, 0, 0  # do not time validation and sampling
+        self._last = None  # the gap since the last epoch (validation, sampling) is not training time
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         import time
 
         now = time.perf_counter()
-        if self._start is None:  # the first step of an epoch includes loader start-up: skip it
-            self._start = now
-            return
-        self._images += int(batch["image"].shape[0]) * trainer.world_size
-        self._steps += 1
+        if self._last is not None:  # the first step of an epoch includes loader start-up: skip it
+            self._seconds += now - self._last
+            self._images += int(batch["image"].shape[0]) * trainer.world_size
+            self._steps += 1
+        self._last = now
         if self._steps >= self.window:
-            rate = self._images / (now - self._start)
-            pl_module.log("perf/images_per_sec", rate, prog_bar=True, rank_zero_only=True)
+            pl_module.log("perf/images_per_sec", self._images / self._seconds, prog_bar=True, rank_zero_only=True)
             if torch.cuda.is_available() and pl_module.device.type == "cuda":
                 memory = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
                 pl_module.log("perf/gpu_max_mem_gib", memory, rank_zero_only=True)
-            self._start, self._images, self._steps = now, 0, 0
+            self._seconds, self._images, self._steps = 0.0, 0, 0
 
 
 class RNGState(L.Callback):

@@ -66,6 +66,12 @@ def shared_default_run_dir(parent: Path) -> Path:
     return run_dir
 
 
+def _has_wandb(value: Any) -> bool:
+    """Whether a trainer.logger config value includes a W&B logger."""
+    values = value if isinstance(value, list) else [value]
+    return any(_class_path(v).endswith("WandbLogger") for v in values)
+
+
 def _class_path(value: Any) -> str:
     if isinstance(value, Namespace | dict):
         return str(value.get("class_path", ""))
@@ -245,7 +251,7 @@ class CellDiffCLI(LightningCLI):
             # Lightning takes one trigger: a step interval given on the command line wins over the
             # config's epoch interval (SLURM jobs save every N steps).
             cfg.checkpoint.every_n_epochs = None
-        if sub == "predict" or self.evaluate_mode:
+        if sub == "predict" or (self.evaluate_mode and not _has_wandb(cfg.trainer.logger)):
             cfg.trainer.logger = False
         else:
             cfg.trainer.logger = self._patch_loggers(cfg.trainer.logger, run_dir, stem)
@@ -346,6 +352,7 @@ class CellDiffCLI(LightningCLI):
             seed=cfg.seed if cfg.seed is not None else 0,
             batch_size=self.datamodule.batch_size,
             inception_weights=cfg.metrics.inception_weights if cfg.get("metrics") else None,
+            loggers=self.trainer.loggers,
         )
 
     def after_predict(self) -> None:

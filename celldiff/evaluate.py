@@ -125,8 +125,13 @@ def run_evaluation(
     sampler: str | None = None,
     steps: int | None = None,
     inception_weights: str | None = None,
+    loggers: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Generate, measure against the real test split, write metrics.json and metrics.md."""
+    """Generate, measure against the real test split, write metrics.json and metrics.md.
+
+    With a W&B logger among ``loggers``, the scalars go to the run summary and the per-class,
+    per-family and confusion tables become ``wandb.Table``s.
+    """
     datamodule.prepare_data()
     datamodule.setup("fit")
     cached = datamodule.cached
@@ -206,4 +211,31 @@ def run_evaluation(
         file=sys.stderr,
     )
     print(f"celldiff: wrote {json_path} and {md_path}", file=sys.stderr)
+    log_to_wandb(metrics, loggers or [], out / "generated_grid.png")
     return metrics
+
+
+def log_to_wandb(metrics: dict[str, Any], loggers: list[Any], grid_path: Path) -> None:
+    """Scalars, tables and the sample grid of an evaluation to every W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        tables: dict[str, Any] = {}
+        for key in ("per_class", "inpainting"):
+            rows = metrics.get(key) or []
+            if rows:
+                columns = list(dict.fromkeys(c for row in rows for c in row))
+                tables[f"eval/{key}"] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        report = metrics.get("classifier")
+        if report:
+            names = report["class_names"]
+            data = [[names[i], *row] for i, row in enumerate(report["confusion_matrix"])]
+            tables["eval/confusion_matrix"] = wandb.Table(columns=["requested", *names], data=data)
+            scalars["eval/classifier_accuracy"] = report["accuracy"]
+        logger.experiment.log({**scalars, **tables, "eval/generated": wandb.Image(str(grid_path))})
+        logger.experiment.summary.update(scalars)

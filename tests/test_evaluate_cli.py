@@ -61,3 +61,16 @@ def test_evaluate_needs_a_classifier(small_sample, tmp_path):
                              str(tmp_path / "missing.ckpt"), "--output_dir", str(tmp_path / "o")], tmp_path)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "missing.ckpt" in result.stderr
+
+
+def test_evaluate_logs_tables_to_wandb_offline(classifier_ckpt, small_sample, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ckpt = _diffusion("demo_phase3.yaml", small_sample, tmp_path, "cond")
+    out = tmp_path / "eval"
+    run_cli(["evaluate", "--config", str(REPO / "configs" / "demo_phase3.yaml"), "--ckpt_path", str(ckpt),
+             "--classifier_ckpt", str(classifier_ckpt), "--output_dir", str(out), "--num_samples", "16",
+             "--model.sampling_steps", "3", "--data.data_dir", str(small_sample),
+             "--trainer.logger", "WandbLogger"], tmp_path)  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["classifier"]["num_samples"] == 16
+    tables = {p.name.split("_")[0] for p in out.glob("wandb/offline-run-*/files/media/table/eval/*.table.json")}
+    assert {"per", "confusion"} <= tables, tables
