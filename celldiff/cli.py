@@ -185,9 +185,6 @@ class CellDiffCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
-    # Values that the data module provides: never taken from a checkpoint's hyperparameters.
-    LINKED_MODEL_KEYS = ("image_size", "num_classes", "class_names")
-
     def _parse_ckpt_path(self) -> None:
         """Take the architecture from the checkpoint, so any config can load any checkpoint.
 
@@ -411,6 +408,8 @@ def _default_logger_save_dir(args: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``celldiff`` console script."""
     torch.set_float32_matmul_precision("high")
+    # main() always hands LightningCLI the (adjusted) command line, which it warns about.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = _default_logger_save_dir(sys.argv[1:] if args is None else args)
     evaluate = bool(args) and args[0] == "evaluate"
     if evaluate:  # the test subcommand's parser, then celldiff.evaluate instead of trainer.test
