@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFile
 
 import celldiff.data as data_module
+import celldiff.imagecache as cache_module
 from celldiff.data import (
     CellDataModule,
     CellDataWarning,
@@ -211,8 +212,8 @@ def test_pool_build_equals_serial_build(pbc_sample, tmp_path, monkeypatch, small
             with Image.open(f) as image:
                 image.resize((64, 64)).save(f, quality=90)
     pools = []
-    make_pool = data_module._make_pool
-    monkeypatch.setattr(data_module, "_make_pool", lambda *a: pools.append(make_pool(*a)) or pools[-1])
+    make_pool = cache_module._make_pool
+    monkeypatch.setattr(cache_module, "_make_pool", lambda *a: pools.append(make_pool(*a)) or pools[-1])
     scan = scan_dataset(root)
     serial = build_cache(scan, 16, tmp_path / "serial", workers=1)
     pooled = build_cache(scan, 16, tmp_path / "pooled", workers=2)
@@ -357,7 +358,7 @@ def test_second_setup_reads_the_cache_and_decodes_nothing(pbc_sample, tmp_path, 
     def boom(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(data_module, "load_image", boom)
+    monkeypatch.setattr(cache_module, "load_image", boom)
     monkeypatch.setattr(PIL.Image, "open", boom)
     second = CellDataModule(**args)
     second.prepare_data()
@@ -452,7 +453,7 @@ def test_predict_from_test_split_interleaves_classes(pbc_sample, tmp_path):
 
 
 def test_class_names_right_after_init_without_decoding(pbc_sample, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "load_image", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr(cache_module, "load_image", lambda *a, **k: pytest.fail("decoded"))
     dm = CellDataModule(str(pbc_sample), cache_dir=str(tmp_path / "c"))
     assert dm.num_classes == 8
     assert dm.class_names[:3] == ["basophil", "eosinophil", "erythroblast"]
