@@ -11,11 +11,11 @@ the model FLOPs utilisation against the peak the user passes (--peak-tflops).
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import time
 
 import torch
+from bench_data import cpu_model  # the benchmarks folder is on sys.path when run as a script
 from torch.utils.flop_counter import FlopCounterMode
 
 from celldiff.module import DiffusionModule
@@ -29,16 +29,6 @@ def cpu_flags() -> str:
         return "unknown"
     wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")]
     return " ".join(wanted) or "none of avx2/avx512"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def autocast_for(precision: str, device: torch.device):
