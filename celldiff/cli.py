@@ -166,10 +166,22 @@ class CellDiffCLI(LightningCLI):
         )
         parser.add_argument("--classifier_ckpt", type=str | None, default=None, help="evaluate: cell classifier checkpoint.")
         parser.add_argument(
+            "--baseline",
+            type=str | None,
+            default=None,
+            help="evaluate: measure a non-learned inpainting fill (mean_fill, blur_fill) instead of a checkpoint.",
+        )
+        parser.add_argument(
             "--metrics.inception_weights",
             type=str | None,
             default=None,
             help="evaluate: local Inception weights (torch-fidelity's .pth) for FID/KID; never downloaded.",
+        )
+        parser.add_argument(
+            "--metrics.lpips_weights",
+            type=str | None,
+            default=None,
+            help="evaluate: local AlexNet weights (torchvision's alexnet-owt-7be5be79.pth) for LPIPS; never downloaded.",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -195,6 +207,8 @@ class CellDiffCLI(LightningCLI):
         if not sub:
             return
         ckpt_path = self.config[sub].get("ckpt_path")
+        if self.evaluate_mode and ckpt_path and self.config[sub].get("baseline"):
+            raise UsageError("evaluate takes either --ckpt_path (a diffusion model) or --baseline (a non-learned fill), not both")
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
             if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
                 raise UsageError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
@@ -325,23 +339,44 @@ class CellDiffCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if not self.evaluate_mode:
             return super()._run_subcommand(subcommand)
-        from celldiff.classifier import load_classifier
-        from celldiff.evaluate import run_evaluation
-
         cfg = self.config_init[subcommand]
-        if not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file():
+        if not cfg.baseline and (not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file()):
             raise UsageError(f"evaluate needs --ckpt_path of a diffusion checkpoint (got {cfg.ckpt_path})")
         if not cfg.classifier_ckpt or not Path(cfg.classifier_ckpt).is_file():
             raise UsageError(
                 f"evaluate needs --classifier_ckpt of a cell classifier (celldiff fit --config configs/classifier.yaml); got {cfg.classifier_ckpt}"
             )
-        device = self.trainer.strategy.root_device
-        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-        self.model.load_state_dict(state)
-        self.model.to(device).eval()
+        strategy = self.trainer.strategy
+        launcher = getattr(strategy, "launcher", None)
+        if launcher is not None:  # DDP: start the other ranks (as for fit), each generates its share
+            launcher.launch(self._evaluate, cfg, trainer=self.trainer)
+        else:
+            self._evaluate(cfg)
+
+    def _evaluate(self, cfg: Any) -> None:
+        from celldiff.classifier import load_classifier
+        from celldiff.evaluate import run_evaluation
+
+        strategy = self.trainer.strategy
+        strategy.setup_environment()  # the process group under DDP, the device
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if strategy.global_rank == 0:
+            self.datamodule.prepare_data()  # builds the image cache once
+        if distributed:
+            torch.distributed.barrier()
+        device = strategy.root_device
+        if cfg.baseline:
+            from celldiff.baselines import FillBaseline
+
+            model: Any = FillBaseline(cfg.baseline, self.datamodule.image_size)
+        else:
+            state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+            self.model.load_state_dict(state)
+            model = self.model
+        model.to(device).eval()
         classifier = load_classifier(cfg.classifier_ckpt).to(device)
         run_evaluation(
-            self.model,
+            model,
             self.datamodule,
             classifier,
             cfg.output_dir,
@@ -349,8 +384,11 @@ class CellDiffCLI(LightningCLI):
             seed=cfg.seed if cfg.seed is not None else 0,
             batch_size=self.datamodule.batch_size,
             inception_weights=cfg.metrics.inception_weights if cfg.get("metrics") else None,
-            loggers=self.trainer.loggers,
+            lpips_weights=cfg.metrics.lpips_weights if cfg.get("metrics") else None,
+            loggers=self.trainer.loggers if strategy.global_rank == 0 else [],
         )
+        if distributed:
+            torch.distributed.barrier()
 
     def after_predict(self) -> None:
         problems = getattr(self.datamodule, "predict_problems", [])

@@ -26,6 +26,8 @@ from celldiff.evaluation import (
     frechet_distance,
     frechet_distance_floor,
     inception_metrics,
+    lpips_distances,
+    lpips_network,
     memorisation_report,
     precision_recall,
     write_report,
@@ -52,6 +54,26 @@ def _mask_families(spec: Any) -> list[str]:
     return [name for name in MASK_TYPES if name in sampler.names]
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_results(mine: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Every rank's {job index: result} on every rank (CPU tensors travel as objects)."""
+    rank, world = _world()
+    if world == 1:
+        return mine
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    merged: dict[int, dict[str, Any]] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
 @torch.no_grad()
 def generate_for_evaluation(
     model: Any,
@@ -64,6 +86,10 @@ def generate_for_evaluation(
 ) -> dict[str, Any]:
     """Generate ``num_samples`` images (or inpaint test cells) for the metrics.
 
+    The work is cut into batches ("jobs") with one noise seed per image index, so the result does
+    not depend on how it is shared out: under DDP each rank runs every world-th job and the jobs are
+    gathered on every rank (identical to a single-device run).
+
     Returns ``images`` uint8 (N, 3, S, S), ``labels`` (requested class, or the real class of an
     inpainted cell), and for inpainting ``families`` (N,) and per-image masked-region metrics.
     """
@@ -71,41 +97,65 @@ def generate_for_evaluation(
     inpainting = bool(model.hparams.inpainting) or datamodule.eval_masks is not None
     conditional = bool(model.hparams.class_conditional)
     num_classes = datamodule.num_classes
-    out_images, out_labels, families, masked = [], [], [], []
-    start = time.perf_counter()
+    jobs: list[dict[str, Any]] = []  # family (inpainting), image indices (noise seeds), test positions
     if inpainting:
         spec = datamodule.eval_masks if datamodule.eval_masks is not None else "box,brush,centre,half,outpaint,nucleus"
         names = _mask_families(spec)
         per_family = math.ceil(num_samples / len(names))
-        for name in names:
-            masker = MaskAssigner(name, datamodule.mask_options, datamodule.mask_seed, deterministic=True)
+        for f, name in enumerate(names):
             positions = np.arange(per_family) % len(test)
-            for i in range(0, len(positions), batch_size):
-                chunk = positions[i : i + batch_size]
-                rows = test.indices[chunk]
-                batch = test.get_batch(chunk)
-                mask = masker(batch["image"], rows).float().to(model.device)
-                known = _to_float(batch["image"]).to(model.device)
-                condition = model.network_condition({"image": known, "mask": mask, "label": batch["label"].to(model.device)})
-                seeds = [noise_seed_for(seed, len(out_labels) + j + len(families) * 0) for j in range(len(chunk))]
-                images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
-                for key, values in inpainting_metrics(images, known, mask).items():
-                    masked.extend({"family": name, "metric": key, "value": float(v)} for v in values.cpu())
-                out_images.append(tensor_to_uint8(images).cpu())
-                out_labels.extend(batch["label"].tolist())
-                families.extend([name] * len(chunk))
-                _progress(len(out_labels), per_family * len(names), start, f"inpainting ({name})")
+            for i in range(0, per_family, batch_size):
+                index = range(f * per_family + i, f * per_family + min(i + batch_size, per_family))
+                jobs.append({"family": name, "index": index, "positions": positions[i : i + batch_size]})
     else:
         labels = [i % num_classes for i in range(num_samples)] if conditional else [-1] * num_samples
         for i in range(0, num_samples, batch_size):
-            chunk = range(i, min(i + batch_size, num_samples))
-            condition = model.network_condition({"label": torch.tensor([labels[j] for j in chunk], device=model.device)})
-            images = model.generate([noise_seed_for(seed, j) for j in chunk], condition=condition, sampler=sampler, steps=steps)
-            out_images.append(tensor_to_uint8(images).cpu())
-            _progress(chunk.stop, num_samples, start, "sampling")
-        out_labels = labels
+            jobs.append({"family": None, "index": range(i, min(i + batch_size, num_samples))})
+    rank, world = _world()
+    maskers: dict[str, MaskAssigner] = {}
+    mine: dict[int, dict[str, Any]] = {}
+    total = sum(len(job["index"]) for job in jobs[rank::world])
+    start = time.perf_counter()
+    for j in range(rank, len(jobs), world):
+        job = jobs[j]
+        seeds = [noise_seed_for(seed, k) for k in job["index"]]
+        if inpainting:
+            name = job["family"]
+            masker = maskers.setdefault(
+                name, MaskAssigner(name, datamodule.mask_options, datamodule.mask_seed, deterministic=True)
+            )
+            batch = test.get_batch(job["positions"])
+            mask = masker(batch["image"], test.indices[job["positions"]]).float().to(model.device)
+            known = _to_float(batch["image"]).to(model.device)
+            batch_labels = batch["label"]
+            condition = model.network_condition({"image": known, "mask": mask, "label": batch_labels.to(model.device)})
+            images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
+            metrics = {k: v.cpu() for k, v in inpainting_metrics(images, known, mask).items()}
+        else:
+            batch_labels = torch.tensor([labels[k] for k in job["index"]])
+            condition = model.network_condition({"label": batch_labels.to(model.device)})
+            images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
+            metrics = {}
+        mine[j] = {"images": tensor_to_uint8(images).cpu(), "labels": batch_labels.cpu(), "metrics": metrics}
+        if inpainting:
+            mine[j]["originals"] = batch["image"].cpu()
+        done = sum(len(r["labels"]) for r in mine.values())
+        _progress(done, total, start, f"inpainting ({job['family']})" if inpainting else "sampling")
+    results = _gather_results(mine)
+    out_images, out_labels, families, masked, originals = [], [], [], [], []
+    for j, job in enumerate(jobs):
+        result = results[j]
+        out_images.append(result["images"])
+        if inpainting:
+            originals.append(result["originals"])
+        out_labels.extend(result["labels"].tolist())
+        if inpainting:
+            families.extend([job["family"]] * len(job["index"]))
+            for key, values in result["metrics"].items():
+                masked.extend({"family": job["family"], "metric": key, "value": float(v)} for v in values)
     return {
         "images": torch.cat(out_images),
+        "originals": torch.cat(originals) if originals else None,
         "labels": torch.tensor(out_labels),
         "families": families,
         "masked": masked,
@@ -126,8 +176,12 @@ def run_evaluation(
     steps: int | None = None,
     inception_weights: str | None = None,
     loggers: list[Any] | None = None,
+    lpips_weights: str | None = None,
 ) -> dict[str, Any]:
     """Generate, measure against the real test split, write metrics.json and metrics.md.
+
+    Under DDP (a process group is initialised) every rank generates its share of the images; rank 0
+    gathers them, measures and writes, and returns the metrics (the other ranks return ``{}``).
 
     With a W&B logger among ``loggers``, the scalars go to the run summary and the per-class,
     per-family and confusion tables become ``wandb.Table``s.
@@ -146,6 +200,8 @@ def run_evaluation(
         raise ValueError(f"classifier works at {classifier.hparams.image_size} px, the diffusion model at {model.hparams.image_size} px")
 
     generated = generate_for_evaluation(model, datamodule, num_samples, seed, batch_size, sampler, steps)
+    if _world()[0] != 0:  # every rank generated its share; rank 0 measures and writes
+        return {}
     fake = generated["images"]
     n = len(fake)
     real_feats = extract_features(classifier, _to_float(real_test))
@@ -188,6 +244,15 @@ def run_evaluation(
             values = {m: [r["value"] for r in generated["masked"] if r["family"] == family and r["metric"] == m]
                       for m in ("mse", "psnr", "ssim", "seam")}  # fmt: skip
             rows.append({"family": family, "n": len(values["mse"]), **{m: float(np.mean(v)) for m, v in values.items()}})
+        net, reason = lpips_network(lpips_weights)
+        if net is None:
+            metrics["lpips_skipped"] = reason
+            print(f"celldiff: {reason}", file=sys.stderr)
+        else:
+            scores = lpips_distances(net.to(fake.device), _to_float(fake), _to_float(generated["originals"]))
+            family_of = np.array(generated["families"])
+            for row in rows:
+                row["lpips"] = float(scores[torch.from_numpy(family_of == row["family"])].mean())
         metrics["inpainting"] = rows
     metrics["memorisation"] = memorisation_report(
         _to_float(fake).flatten(1), fake_feats, _to_float(real_train).flatten(1), train_feats,

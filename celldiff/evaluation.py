@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 # torch-fidelity's Inception weights (the TF-FID port) as torch.hub caches them.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -340,6 +341,63 @@ def classifier_report(
     }
 
 
+# ----------------------------------------------------------------------------------- LPIPS
+
+ALEXNET_WEIGHTS_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, as LPIPS uses
+
+
+def default_lpips_weights() -> Path:
+    """Where torchvision caches its AlexNet weights: the torch hub dir."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS_FILE
+
+
+def lpips_network(weights_path: str | os.PathLike[str] | None) -> tuple[nn.Module | None, str | None]:
+    """LPIPS (Zhang et al. 2018, AlexNet variant) built offline, or (None, reason) when it cannot be.
+
+    The linear calibration layers ship inside torchmetrics; the AlexNet backbone comes from
+    ``weights_path`` (torchvision's ``alexnet-owt-7be5be79.pth`` state dict) or, without one, from the
+    torch hub cache if the file is there. Never downloads.
+    """
+    path = Path(weights_path).expanduser() if weights_path else default_lpips_weights()
+    if not path.is_file():
+        where = f"weights file {path} does not exist" if weights_path else f"no weights path given and none at {path}"
+        return None, f"LPIPS skipped: {where} (torchvision's AlexNet ImageNet weights; celldiff never downloads them)"
+    try:
+        from torchmetrics.functional.image.lpips import _LPIPS
+    except ImportError as err:  # the private class moved in another torchmetrics release
+        return None, f"LPIPS skipped: this torchmetrics has no LPIPS network ({err})"
+    import torchvision
+
+    backbone = torchvision.models.alexnet(weights=None)
+    try:
+        backbone.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:
+        return None, f"LPIPS skipped: {path} is not torchvision AlexNet weights ({err.__class__.__name__})"
+    net = _LPIPS(pretrained=True, net="alex", pnet_rand=True)  # calibrated linear layers, backbone below
+    for part in (net.net.slice1, net.net.slice2, net.net.slice3, net.net.slice4, net.net.slice5):
+        for name, module in part.named_children():
+            module.load_state_dict(backbone.features[int(name)].state_dict())
+    return net.eval().requires_grad_(False), None
+
+
+@torch.no_grad()
+def lpips_distances(net: nn.Module, a: Tensor, b: Tensor, batch_size: int = 64, min_size: int = 64) -> Tensor:
+    """Per-image LPIPS between ``a`` and ``b`` (N, 3, H, W) in [-1, 1]; lower = perceptually closer.
+
+    Images smaller than ``min_size`` are upsampled (bilinear) first: AlexNet's stride-4 stem and
+    pooling leave almost nothing of a 32 px cell otherwise.
+    """
+    device = next(net.parameters()).device
+    out = []
+    for i in range(0, len(a), batch_size):
+        x, y = a[i : i + batch_size].to(device).float(), b[i : i + batch_size].to(device).float()
+        if x.shape[-1] < min_size:
+            x = F.interpolate(x, size=min_size, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=min_size, mode="bilinear", align_corners=False)
+        out.append(net(x.clamp(-1, 1), y.clamp(-1, 1)).flatten().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 # ----------------------------------------------------------------------------------- Inception
 
 
@@ -500,6 +558,26 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
     elif metrics.get("inception_skipped"):
         sections.append(f"## Inception (ImageNet features)\n\n{metrics['inception_skipped']}\n")
 
+    per_class = metrics.get("per_class")
+    if per_class:
+        sections.append(
+            "## Fréchet distance per class\n\n"
+            + markdown_table(per_class, ["class", "frechet_distance", "floor", "n_generated", "floor_n", "n_real"])
+            + "\nGenerated cells are counted under the class they were asked for (class-conditional), the class of the "
+            "real cell they complete (inpainting), or else the class the classifier gives them. "
+            f"{SMALL_N_NOTE}\n"
+        )
+    inpainting = metrics.get("inpainting")
+    if inpainting:
+        columns = ["family", "n", "mse", "psnr", "ssim", "seam"] + (["lpips"] if "lpips" in inpainting[0] else [])
+        sections.append(
+            "## Masked-region metrics per mask family\n\n"
+            + markdown_table(inpainting, columns)
+            + "\nOver the missing pixels only, intensities in [0, 1]: MSE, PSNR (dB) and SSIM (mean of the SSIM map inside "
+            "the mask); seam: mean |gradient| mismatch with the real image on the mask boundary (0 = as in the real cell). "
+            + (f"{metrics['lpips_skipped']}\n" if metrics.get("lpips_skipped") else "LPIPS (AlexNet) on the whole image.\n")
+        )
+
     report = metrics.get("classifier")
     if report:
         names = report["class_names"]
@@ -550,6 +628,7 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
         "inception_skipped",
         "classifier",
         "memorisation",
+        "lpips_skipped",
     }
     other = [{"key": k, "value": v} for k, v in metrics.items() if k not in known and not isinstance(v, dict | list)]
     if other:

@@ -74,3 +74,56 @@ def test_evaluate_logs_tables_to_wandb_offline(classifier_ckpt, small_sample, tm
     assert json.loads((out / "metrics.json").read_text())["classifier"]["num_samples"] == 16
     tables = {p.name.split("_")[0] for p in out.glob("wandb/offline-run-*/files/media/table/eval/*.table.json")}
     assert {"per", "confusion"} <= tables, tables
+
+
+def test_evaluate_non_learned_baseline_with_lpips(classifier_ckpt, small_sample, tmp_path):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "alexnet.pth"  # random weights: LPIPS values are meaningless, the plumbing is tested
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
+    out = tmp_path / "eval"
+    run_cli(["evaluate", "--config", str(REPO / "configs" / "demo_inpaint.yaml"), "--baseline", "blur_fill",
+             "--classifier_ckpt", str(classifier_ckpt), "--output_dir", str(out), "--num_samples", "16",
+             "--data.data_dir", str(small_sample), "--data.image_size", "16",
+             "--data.eval_masks", "box,brush", "--metrics.lpips_weights", str(weights)], tmp_path)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sampler"] == "blur_fill" and metrics["num_samples"] == 16
+    assert [row["family"] for row in metrics["inpainting"]] == ["box", "brush"]
+    assert all(row["psnr"] > 10 and row["lpips"] >= 0 for row in metrics["inpainting"])
+    report = (out / "metrics.md").read_text()
+    assert "Masked-region metrics per mask family" in report and "lpips" in report
+    assert "Fréchet distance per class" in report
+
+
+def test_evaluate_baseline_and_checkpoint_are_exclusive(small_sample, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    result = run_subprocess(["evaluate", "--config", str(REPO / "configs" / "demo_inpaint.yaml"), "--ckpt_path",
+                             str(ckpt), "--baseline", "mean_fill", "--output_dir", str(tmp_path / "o")], tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not both" in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_shards_sampling_across_two_ddp_processes(classifier_ckpt, small_sample, tmp_path):
+    """Two gloo ranks each generate half of the jobs; the gathered result equals one process's."""
+    ckpt = _diffusion("demo_inpaint.yaml", small_sample, tmp_path, "inp")
+    common = ["evaluate", "--config", str(REPO / "configs" / "demo_inpaint.yaml"), "--ckpt_path", str(ckpt),
+              "--classifier_ckpt", str(classifier_ckpt), "--num_samples", "24", "--model.sampling_steps", "3",
+              "--data.data_dir", str(small_sample), "--data.eval_masks", "box,nucleus", "--data.batch_size", "4",
+              "--trainer.accelerator", "cpu"]  # fmt: skip
+    single = run_subprocess([*common, "--output_dir", str(tmp_path / "one"), "--trainer.devices", "1"], tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_subprocess([*common, "--output_dir", str(tmp_path / "two"), "--trainer.devices", "2",
+                             "--trainer.strategy", "ddp"], tmp_path, timeout=600)  # fmt: skip
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert one["num_samples"] == two["num_samples"] == 24
+    for a, b in zip(one["inpainting"], two["inpainting"], strict=True):
+        assert a["family"] == b["family"] and a["n"] == b["n"]
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-4)
+    assert one["frechet_distance"] == pytest.approx(two["frechet_distance"], rel=1e-3)
+    # the two ranks each reported their own share of the work
+    assert double.stderr.count("inpainting (box) 4/") + double.stderr.count("inpainting (box) 8/") >= 2

@@ -156,21 +156,12 @@ show(strip, nrow=len(picks), figsize=(14, 4),
 # The sample is small (NUM_CELLS per family): read differences of a few tenths of a dB as noise.
 
 # %%
-import torch.nn.functional as F  # noqa: E402
-
-
-def mean_fill(batch):
-    image, mask = batch["image"], batch["mask"]
-    ring = F.max_pool2d(mask, 5, stride=1, padding=2) - mask  # known pixels around the hole
-    ring = torch.where(ring.sum((2, 3), keepdim=True) > 0, ring, 1 - mask)
-    colour = (image * ring).sum((2, 3), keepdim=True) / ring.sum((2, 3), keepdim=True).clamp_min(1)
-    return torch.where(mask > 0, colour.expand_as(image), image)
-
+from celldiff.baselines import mean_fill  # noqa: E402
 
 methods = {
     "celldiff inpainting": lambda b, s: inpaint(inpainter, b, s),
     "phase 1 + replacement": lambda b, s: inpaint(phase1, b, s),
-    "mean fill": lambda b, s: mean_fill(b),
+    "mean fill": lambda b, s: mean_fill(b["image"], b["mask"]),
 }
 results = []
 for family, batch in batches.items():
