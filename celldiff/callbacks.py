@@ -371,6 +371,40 @@ class Throughput(L.Callback):
             self._seconds, self._images, self._steps = 0.0, 0, 0
 
 
+class SaveOnSigterm(L.Callback):
+    """``last.ckpt`` always holds the last step: on SIGTERM (pre-emption, ``scancel``, ``kill``) and at the end.
+
+    On SIGTERM, Lightning finishes the current optimizer step and raises ``SIGTERMException`` on
+    every rank; this callback writes the checkpoint from that exact state (all ranks take part,
+    rank 0 writes), so a run killed between periodic checkpoints loses nothing; ``celldiff`` then
+    exits with status 143 and says how to resume. At the end of training it also saves when the
+    last step is not a multiple of the checkpoint interval.
+    """
+
+    def _save(self, trainer: L.Trainer, why: str) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step:
+            return  # ModelCheckpoint has just written this step
+        dirpath = getattr(checkpoint, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        path = Path(dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        if checkpoint is not None and hasattr(checkpoint, "_last_global_step_saved"):
+            checkpoint._last_global_step_saved = trainer.global_step
+        if trainer.is_global_zero:
+            import sys
+
+            print(f"celldiff: {why}: saved {path} at step {trainer.global_step}", file=sys.stderr)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, "end of training")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.training:
+            self._save(trainer, "SIGTERM")
+
+
 class RNGState(L.Callback):
     """Save every rank's RNG states (torch, CUDA, numpy, random) in checkpoints and restore them.
 

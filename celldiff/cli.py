@@ -19,8 +19,9 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from celldiff.callbacks import PredictionWriter, RNGState, SaveSplit, Throughput
+from celldiff.callbacks import PredictionWriter, RNGState, SaveOnSigterm, SaveSplit, Throughput
 from celldiff.data import CellDataModule, DataError
 from celldiff.module import NonFiniteLossError
 
@@ -411,7 +412,7 @@ class CellDiffCLI(LightningCLI):
         cfg = self.config_init[self.subcommand]
         callbacks = list(cfg.trainer.get("callbacks") or [])
         if self.subcommand == "fit":
-            callbacks += [SaveSplit(), Throughput(), RNGState()]
+            callbacks += [SaveSplit(), Throughput(), RNGState(), SaveOnSigterm()]
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(cfg.output_dir))
         kwargs["callbacks"] = callbacks
@@ -463,6 +464,10 @@ def main(args: list[str] | None = None) -> None:
     except NonFiniteLossError as err:
         print(f"celldiff: error: {err}", file=sys.stderr)
         sys.exit(3)
+    except SIGTERMException:
+        run_dir = os.environ.get(RUN_DIR_ENV, "<run_dir>")
+        print(f"celldiff: stopped by SIGTERM; resume with the same command plus --ckpt_path last --run_dir {run_dir}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as a shell reports a terminated process
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def run_cli(args: list[str], cwd: Path) -> None:
 
 
 def run_subprocess(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # tests.* callbacks
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath}
     return subprocess.run(
         [sys.executable, "-m", "celldiff.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -255,6 +256,43 @@ def test_resume_is_exact_at_epoch_boundaries(small_sample, tmp_path):
     # The resumed run appends to the same metrics.csv: every step once, no gap, no repeat.
     assert losses(split) == losses(straight)
     assert sorted(losses(split)) == list(range(6))
+
+
+class SigtermAtStep(L.Callback):
+    """Sends this process SIGTERM after optimizer step ``step`` (mid-epoch with 3 batches per epoch)."""
+
+    def __init__(self, step: int = 4) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_and_resumes_without_gap_or_repeat(small_sample, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ["--trainer.max_epochs", "-1", "--trainer.max_steps", "9", "--trainer.log_every_n_steps", "1",
+             "--trainer.callbacks", "[]", "--checkpoint.every_n_epochs", "null", "--checkpoint.every_n_train_steps", "100"]  # fmt: skip
+    killed = run_subprocess(fit_args(small_sample, run_dir, *extra, "--trainer.callbacks+=tests.test_cli.SigtermAtStep"), tmp_path)
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert "saved" in killed.stderr and "--ckpt_path last" in killed.stderr and "Traceback" not in killed.stderr
+    at_kill = _weights(run_dir / "checkpoints" / "last.ckpt")  # no periodic checkpoint before step 100
+    assert at_kill["global_step"] == 4 and int(at_kill["state_dict"]["ema_updates"]) == 4
+    assert at_kill["epoch"] == 1  # mid-epoch: 3 batches per epoch
+
+    resumed = run_subprocess(fit_args(small_sample, run_dir, *extra, "--ckpt_path", "last"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    end = _weights(run_dir / "checkpoints" / "last.ckpt")
+    assert end["global_step"] == 9 and int(end["state_dict"]["ema_updates"]) == 9
+    assert all(int(state["step"]) == 9 for state in end["optimizer_states"][0]["state"].values())
+    assert end["lr_schedulers"][0]["last_epoch"] == 9
+    rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
+    col = rows[0].index("train/loss")
+    steps = [int(r[1]) for r in rows[1:] if r[col]]
+    assert steps == list(range(9))  # every step once: no gap, no repeat
 
 
 def test_a_crash_while_saving_keeps_the_last_checkpoint(small_sample, tmp_path, monkeypatch):
