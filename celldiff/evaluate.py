@@ -102,8 +102,11 @@ def generate_for_evaluation(
         spec = datamodule.eval_masks if datamodule.eval_masks is not None else "box,brush,centre,half,outpaint,nucleus"
         names = _mask_families(spec)
         per_family = math.ceil(num_samples / len(names))
+        # The same test cells for every family and method: a seeded draw over the whole test split
+        # (the split is ordered by class, so its first cells would all be basophils).
+        order = np.random.default_rng(seed).permutation(len(test))
         for f, name in enumerate(names):
-            positions = np.arange(per_family) % len(test)
+            positions = order[np.arange(per_family) % len(test)]
             for i in range(0, per_family, batch_size):
                 index = range(f * per_family + i, f * per_family + min(i + batch_size, per_family))
                 jobs.append({"family": name, "index": index, "positions": positions[i : i + batch_size]})
