@@ -40,7 +40,7 @@ def parameters(runs: Path, data_dir: str) -> dict[str, dict[str, object]]:
             "CLASSIFIER_CKPT": ckpt["classifier"],
             "DATA_DIR": data_dir,
             "SPLIT_FILE": split,
-            "EVAL_SAMPLES": 128,
+            "EVAL_SAMPLES": 64,
         },
     }
 
