@@ -32,7 +32,7 @@ def parameters(runs: Path, data_dir: str) -> dict[str, dict[str, object]]:
             "PHASE1_CKPT": ckpt["phase1"],
             "DATA_DIR": data_dir,
             "SPLIT_FILE": split,
-            "NUM_CELLS": 32,
+            "NUM_CELLS": 16,
         },
         "03_class_conditional": {
             "CLASS_CKPT": ckpt["phase3"],
@@ -40,7 +40,7 @@ def parameters(runs: Path, data_dir: str) -> dict[str, dict[str, object]]:
             "CLASSIFIER_CKPT": ckpt["classifier"],
             "DATA_DIR": data_dir,
             "SPLIT_FILE": split,
-            "EVAL_SAMPLES": 64,
+            "EVAL_SAMPLES": 32,
         },
     }
 

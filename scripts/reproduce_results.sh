@@ -34,12 +34,14 @@ P1=$R/phase1/checkpoints/last.ckpt
   E phase1_replacement_ddim50 --config configs/results/phase2.yaml --ckpt_path $P1 --num_samples 120
   E mean_fill --config configs/results/phase2.yaml --baseline mean_fill --num_samples 120
   E blur_fill --config configs/results/phase2.yaml --baseline blur_fill --num_samples 120
-  E seed_ddpm1000 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint/checkpoints/last.ckpt --num_samples 120
   E seed_ddim50 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint/checkpoints/last.ckpt --num_samples 120 \
     --model.sampler ddim --model.sampling_steps 50
+  # the seed recipe's own sampler, DDPM 1000 steps: 20x the cost, so 10 cells per mask family
+  E seed_ddpm1000 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint/checkpoints/last.ckpt --num_samples 30
 ) &
 wait
 .venv/bin/python scripts/results_tables.py $R/eval
+.venv/bin/python scripts/results_figures.py --runs $R --data-dir "$DATA"
 
 # 3. the notebooks, executed against these checkpoints
 .venv/bin/python notebooks/execute_notebooks.py --data-dir "$DATA"
