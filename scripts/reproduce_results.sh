@@ -37,7 +37,7 @@ P1=$R/phase1/checkpoints/last.ckpt
   E seed_ddim50 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint/checkpoints/last.ckpt --num_samples 120 \
     --model.sampler ddim --model.sampling_steps 50
   # the seed recipe's own sampler, DDPM 1000 steps: 20x the cost, so 10 cells per mask family
-  E seed_ddpm1000 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint/checkpoints/last.ckpt --num_samples 30
+  E seed_ddpm1000 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint/checkpoints/last.ckpt --num_samples 15
 ) &
 wait
 .venv/bin/python scripts/results_tables.py $R/eval
