@@ -56,6 +56,11 @@ def labelled_rows(rows: list[tuple[str, np.ndarray]], margin: int = 90) -> np.nd
     return np.concatenate(out)
 
 
+def _load_pngs(paths: list[Path]) -> Tensor:
+    """Read image files into a (N, 3, H, W) uint8 tensor."""
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """Save an (H, W, 3) uint8 array, writing to a temporary file first so a crash leaves no stub."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,12 +329,12 @@ class PredictionWriter(BasePredictionWriter):
             rows = []
             for name in order:
                 group = [p for p, prefix in zip(files, prefixes, strict=True) if prefix == name]
-                images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in group])
+                images = _load_pngs(group)
                 rows.append((name, image_grid(images, nrow=len(group))))
             save_png(labelled_rows(rows), self.output_dir / "grid.png")
             print(f"celldiff: wrote {len(files)} images and grid.png (one row per class) to {self.output_dir}")
             return
-        images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in files])
+        images = _load_pngs(files)
         save_png(image_grid(images, self.nrow), self.output_dir / "grid.png")
         print(f"celldiff: wrote {len(files)} images and grid.png to {self.output_dir}")
 
