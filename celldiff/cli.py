@@ -356,7 +356,7 @@ class CellDiffCLI(LightningCLI):
 
     def _evaluate(self, cfg: Any) -> None:
         from celldiff.classifier import load_classifier
-        from celldiff.evaluate import run_evaluation
+        from celldiff.evaluate import judge_size_problem, run_evaluation
 
         strategy = self.trainer.strategy
         strategy.setup_environment()  # the process group under DDP, the device
@@ -376,6 +376,9 @@ class CellDiffCLI(LightningCLI):
             model = self.model
         model.to(device).eval()
         classifier = load_classifier(cfg.classifier_ckpt).to(device)
+        problem = judge_size_problem(classifier.hparams.image_size, self.datamodule.image_size)
+        if problem:
+            raise UsageError(f"{problem} (--classifier_ckpt {cfg.classifier_ckpt})")
         run_evaluation(
             model,
             self.datamodule,
@@ -387,6 +390,8 @@ class CellDiffCLI(LightningCLI):
             inception_weights=cfg.metrics.inception_weights if cfg.get("metrics") else None,
             lpips_weights=cfg.metrics.lpips_weights if cfg.get("metrics") else None,
             loggers=self.trainer.loggers if strategy.global_rank == 0 else [],
+            forward_context=self.trainer.precision_plugin.forward_context,  # --trainer.precision for the sampling
+            network_precision=str(self.trainer.precision),
         )
         if distributed:
             torch.distributed.barrier()

@@ -9,14 +9,18 @@ region metrics for inpainting models, and Inception FID/KID only when local weig
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from celldiff.data import CellDataModule, MaskAssigner, noise_seed_for, tensor_to_uint8
@@ -46,6 +50,29 @@ def _progress(done: int, total: int, start: float, what: str) -> None:
 
 def _to_float(images_uint8: Tensor) -> Tensor:
     return images_uint8.float() / 127.5 - 1
+
+
+def judge_size_problem(classifier_size: int, model_size: int) -> str | None:
+    """Why a classifier at ``classifier_size`` px cannot judge a model at ``model_size`` px, or None."""
+    if classifier_size <= model_size:
+        return None
+    return (
+        f"the classifier works at {classifier_size} px, the diffusion model at {model_size} px; expected a "
+        f"classifier trained at {model_size} px or less (a smaller one judges the cells downsampled)"
+    )
+
+
+def judge_view(images_uint8: Tensor, size: int) -> Tensor:
+    """Images (N, 3, S, S) uint8 as the classifier sees them: [-1, 1], resized to ``size`` if S differs.
+
+    A classifier trained at a lower resolution than the diffusion model judges the generated and the
+    real cells alike downsampled (antialiased bicubic, torch's match of PIL's filter, which made the
+    classifier's own training images), so both sides of every comparison pass the same filter.
+    """
+    x = _to_float(images_uint8)
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
 def _mask_families(spec: Any) -> list[str]:
@@ -83,8 +110,12 @@ def generate_for_evaluation(
     batch_size: int,
     sampler: str | None,
     steps: int | None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
     """Generate ``num_samples`` images (or inpaint test cells) for the metrics.
+
+    ``forward_context`` (e.g. the trainer's precision plugin's, an autocast region) wraps the
+    sampling; the sampler keeps its own arithmetic in float32 whatever the network runs in.
 
     The work is cut into batches ("jobs") with one noise seed per image index, so the result does
     not depend on how it is shared out: under DDP each rank runs every world-th job and the jobs are
@@ -114,6 +145,7 @@ def generate_for_evaluation(
         labels = [i % num_classes for i in range(num_samples)] if conditional else [-1] * num_samples
         for i in range(0, num_samples, batch_size):
             jobs.append({"family": None, "index": range(i, min(i + batch_size, num_samples))})
+    context = forward_context or contextlib.nullcontext
     rank, world = _world()
     maskers: dict[str, MaskAssigner] = {}
     mine: dict[int, dict[str, Any]] = {}
@@ -132,12 +164,14 @@ def generate_for_evaluation(
             known = _to_float(batch["image"]).to(model.device)
             batch_labels = batch["label"]
             condition = model.network_condition({"image": known, "mask": mask, "label": batch_labels.to(model.device)})
-            images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
+            with context():
+                images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
             metrics = {k: v.cpu() for k, v in inpainting_metrics(images, known, mask).items()}
         else:
             batch_labels = torch.tensor([labels[k] for k in job["index"]])
             condition = model.network_condition({"label": batch_labels.to(model.device)})
-            images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
+            with context():
+                images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
             metrics = {}
         mine[j] = {"images": tensor_to_uint8(images).cpu(), "labels": batch_labels.cpu(), "metrics": metrics}
         if inpainting:
@@ -180,8 +214,13 @@ def run_evaluation(
     inception_weights: str | None = None,
     loggers: list[Any] | None = None,
     lpips_weights: str | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+    network_precision: str = "32-true",
 ) -> dict[str, Any]:
     """Generate, measure against the real test split, write metrics.json and metrics.md.
+
+    ``forward_context`` wraps the sampling (the trainer's precision: ``network_precision`` names it
+    in the report); the classifier and every metric run in float32 regardless.
 
     Under DDP (a process group is initialised) every rank generates its share of the images; rank 0
     gathers them, measures and writes, and returns the metrics (the other ranks return ``{}``).
@@ -199,21 +238,29 @@ def run_evaluation(
     real_test = torch.from_numpy(np.ascontiguousarray(cached.images[test.indices])).permute(0, 3, 1, 2)
     real_train = torch.from_numpy(np.ascontiguousarray(cached.images[train.indices])).permute(0, 3, 1, 2)
     real_labels = torch.from_numpy(cached.labels[test.indices])
-    if classifier.hparams.image_size != model.hparams.image_size:
-        raise ValueError(f"classifier works at {classifier.hparams.image_size} px, the diffusion model at {model.hparams.image_size} px")
+    judge_size, model_size = classifier.hparams.image_size, model.hparams.image_size
+    problem = judge_size_problem(judge_size, model_size)
+    if problem:
+        raise ValueError(problem)
 
-    generated = generate_for_evaluation(model, datamodule, num_samples, seed, batch_size, sampler, steps)
+    generated = generate_for_evaluation(model, datamodule, num_samples, seed, batch_size, sampler, steps, forward_context)
     if _world()[0] != 0:  # every rank generated its share; rank 0 measures and writes
         return {}
     fake = generated["images"]
     n = len(fake)
-    real_feats = extract_features(classifier, _to_float(real_test))
-    fake_feats = extract_features(classifier, _to_float(fake))
-    train_feats = extract_features(classifier, _to_float(real_train))
+    real_judged, fake_judged = judge_view(real_test, judge_size), judge_view(fake, judge_size)
+    real_feats = extract_features(classifier, real_judged)
+    fake_feats = extract_features(classifier, fake_judged)
+    train_feats = extract_features(classifier, judge_view(real_train, judge_size))
     floor, floor_n = frechet_distance_floor(real_feats, n=n, generator=torch.Generator().manual_seed(seed))
     precision, recall = precision_recall(real_feats, fake_feats, k=3)
     metrics: dict[str, Any] = {
-        "feature_space": f"celldiff cell classifier ({fake_feats.shape[1]}-d penultimate features)",
+        "feature_space": f"celldiff cell classifier ({fake_feats.shape[1]}-d penultimate features)"
+        + (f", at {judge_size} px (cells downsampled from {model_size} px)" if judge_size != model_size else ""),
+        # the judge's own accuracy on the real test cells, as it sees them here (the same view as the generated)
+        "classifier_accuracy_real_test": float(
+            classifier_report(classifier, real_judged, real_labels, names)["accuracy"]
+        ),
         "num_samples": n,
         "num_real": len(real_feats),
         "frechet_distance": frechet_distance(real_feats, fake_feats),
@@ -225,11 +272,12 @@ def run_evaluation(
         "seed": seed,
         "sampler": sampler or model.hparams.sampler,
         "steps": steps if steps is not None else model.hparams.sampling_steps,
+        "network_precision": network_precision,
     }
     # Per class: generated cells of a class (requested, real for inpainting, else as classified).
     fake_classes = generated["labels"]
     if not generated["conditional"] and not generated["inpainting"]:
-        fake_classes = classifier(_to_float(fake)).argmax(1).cpu() if n else fake_classes
+        fake_classes = classifier(fake_judged).argmax(1).cpu() if n else fake_classes
     per_class = []
     for c, name in enumerate(names):
         real_c, fake_c = real_feats[real_labels == c], fake_feats[fake_classes == c]
@@ -240,7 +288,7 @@ def run_evaluation(
         per_class.append(row)
     metrics["per_class"] = per_class
     if generated["conditional"]:
-        metrics["classifier"] = classifier_report(classifier, _to_float(fake), generated["labels"], names)
+        metrics["classifier"] = classifier_report(classifier, fake_judged, generated["labels"], names)
     if generated["inpainting"]:
         rows = []
         for family in dict.fromkeys(r["family"] for r in generated["masked"]):

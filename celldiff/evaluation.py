@@ -508,6 +508,7 @@ _FIDELITY_KEYS = (
     ("frechet_distance_floor", "frechet_distance_floor_n"),
     ("precision", "num_samples"),
     ("recall", "num_samples"),
+    ("classifier_accuracy_real_test", "num_real"),
 )
 
 

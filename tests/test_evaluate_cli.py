@@ -56,6 +56,56 @@ def test_evaluate_class_conditional_inpainting(classifier_ckpt, small_sample, tm
     assert len(metrics["classifier"]["confusion_matrix"]) == 8
 
 
+def test_evaluate_judges_a_larger_model_with_a_downsampling_classifier(classifier_ckpt, small_sample, tmp_path):
+    """A 16 px classifier judges a 32 px model: generated and real cells are downsampled alike."""
+    run = tmp_path / "big"
+    run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.data_dir", str(small_sample), "--run_dir",
+             str(run), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.callbacks",
+             "[]", "--data.batch_size", "16", *TINY_MODEL_ARGS, "--data.image_size", "32",
+             "--model.attention_resolutions", "[16]"], tmp_path)  # fmt: skip
+    out = tmp_path / "eval"
+    run_cli(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+             "--classifier_ckpt", str(classifier_ckpt), "--output_dir", str(out), "--num_samples", "8",
+             "--model.sampling_steps", "2", "--data.data_dir", str(small_sample), "--data.image_size", "32"], tmp_path)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "at 16 px (cells downsampled from 32 px)" in metrics["feature_space"]
+    assert 0 <= metrics["classifier_accuracy_real_test"] <= 1 and metrics["num_real"] > 0
+    assert "classifier_accuracy_real_test" in (out / "metrics.md").read_text()
+
+
+def test_evaluate_samples_under_the_trainer_precision(classifier_ckpt, small_sample, tmp_path):
+    """--trainer.precision bf16-mixed runs the network under autocast: close to, not equal to, fp32."""
+    import numpy as np
+    from PIL import Image
+
+    ckpt = _diffusion("demo.yaml", small_sample, tmp_path, "uncond")
+    grids = {}
+    for precision in ("32-true", "bf16-mixed"):
+        out = tmp_path / f"eval-{precision}"
+        run_cli(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--ckpt_path", str(ckpt),
+                 "--classifier_ckpt", str(classifier_ckpt), "--output_dir", str(out), "--num_samples", "8",
+                 "--model.sampling_steps", "3", "--data.data_dir", str(small_sample),
+                 "--trainer.precision", precision], tmp_path)  # fmt: skip
+        assert json.loads((out / "metrics.json").read_text())["network_precision"] == precision
+        grids[precision] = np.asarray(Image.open(out / "generated_grid.png"), dtype=np.float64)
+    difference = np.abs(grids["32-true"] - grids["bf16-mixed"])
+    assert difference.max() > 0 and difference.mean() < 8
+
+
+def test_evaluate_refuses_a_classifier_larger_than_the_model(classifier_ckpt, small_sample, tmp_path):
+    run = tmp_path / "small"
+    run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.data_dir", str(small_sample), "--run_dir",
+             str(run), "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false", "--trainer.callbacks",
+             "[]", "--data.batch_size", "16", *TINY_MODEL_ARGS, "--data.image_size", "8"], tmp_path)  # fmt: skip
+    result = run_subprocess(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--ckpt_path",
+                             str(run / "checkpoints" / "last.ckpt"), "--classifier_ckpt", str(classifier_ckpt),
+                             "--output_dir", str(tmp_path / "o"), "--data.data_dir", str(small_sample),
+                             "--data.image_size", "8"], tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "classifier works at 16 px, the diffusion model at 8 px" in result.stderr
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
 def test_evaluate_needs_a_classifier(small_sample, tmp_path):
     result = run_subprocess(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--ckpt_path",
                              str(tmp_path / "missing.ckpt"), "--output_dir", str(tmp_path / "o")], tmp_path)  # fmt: skip

@@ -274,3 +274,19 @@ def test_write_report_writes_json_and_markdown(tmp_path):
     assert "| sampler | ddim |" in md
     with pytest.raises(ValueError, match="frechet_distance_floor"):
         write_report({"frechet_distance": 1.0, "num_samples": 3}, tmp_path / "bad")
+
+
+def test_judge_view_downsamples_like_the_classifier_training_images():
+    """Same size: only the [-1, 1] scaling; smaller: antialiased, so a flat colour stays exactly flat."""
+    from celldiff.evaluate import judge_view
+
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    same = judge_view(images, 32)
+    assert torch.equal(same, images.float() / 127.5 - 1)
+    flat = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
+    small = judge_view(flat, 16)
+    assert small.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(small, torch.full_like(small, 200 / 127.5 - 1))
+    # a one-pixel checkerboard averages to grey (no aliasing), unlike plain subsampling
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 255).to(torch.uint8).expand(1, 3, 32, 32)
+    assert judge_view(checker, 16)[..., 2:-2, 2:-2].abs().max() < 0.1
