@@ -3,6 +3,8 @@
 Usage:
     python benchmarks/bench_sampling.py                   # base 64, 64x64, batch 16, T = 1000
     python benchmarks/bench_sampling.py --ddpm-steps 100  # slow CPU: time 100 steps, extrapolate
+    python benchmarks/bench_sampling.py --base-channels 32 --channel-mult 1 2 4 8 --num-res-blocks 1 \
+        --attention-resolutions 8 --precision bf16   # configs/results/phase1_64.yaml's U-Net
 
 Every DDPM step costs one network evaluation, so timing ``--ddpm-steps`` < T steps and scaling by
 T / steps gives the full-T figure; both are printed, labelled. The weights are random (the output
@@ -67,6 +69,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--base-channels", type=int, default=64)
+    parser.add_argument("--channel-mult", type=int, nargs="+", default=[1, 2, 2, 2])
+    parser.add_argument("--num-res-blocks", type=int, default=2)
+    parser.add_argument("--attention-resolutions", type=int, nargs="*", default=[16])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-timesteps", type=int, default=1000, help="T of the schedule")
@@ -92,7 +97,14 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
 
-    net = UNet(base_channels=args.base_channels, image_size=args.image_size, dropout=0.0)
+    net = UNet(
+        base_channels=args.base_channels,
+        channel_mult=tuple(args.channel_mult),
+        num_res_blocks=args.num_res_blocks,
+        attention_resolutions=tuple(args.attention_resolutions),
+        image_size=args.image_size,
+        dropout=0.0,
+    )
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():  # zero-initialised layers: make the output non-trivial

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py                      # phase-1 U-Net (64 x 64, base 64)
     python benchmarks/bench_train.py --batch-size 64 --steps 50 --precisions 32-true bf16-mixed 16-mixed
+    python benchmarks/bench_train.py --base-channels 32 --channel-mult 1 2 4 8 --num-res-blocks 1 \
+        --attention-resolutions 8          # configs/results/phase1_64.yaml's 11 M U-Net
 
 Prints the machine (CPU flags or GPU), the model size, the FLOPs of one training step (forward +
 backward, counted by torch's FlopCounterMode), images/s and peak memory per precision, and on a GPU
@@ -44,6 +46,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--base-channels", type=int, default=64)
     parser.add_argument("--channel-mult", type=int, nargs="+", default=[1, 2, 2, 2])
+    parser.add_argument("--num-res-blocks", type=int, default=2)
+    parser.add_argument("--attention-resolutions", type=int, nargs="*", default=[16])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per precision (after 2 warm-up steps)")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
@@ -60,7 +64,8 @@ def main() -> None:
         print(f"CPU: {cpu_model()}; flags: {cpu_flags()}")
 
     module = DiffusionModule(
-        image_size=args.image_size, base_channels=args.base_channels, channel_mult=tuple(args.channel_mult)
+        image_size=args.image_size, base_channels=args.base_channels, channel_mult=tuple(args.channel_mult),
+        num_res_blocks=args.num_res_blocks, attention_resolutions=tuple(args.attention_resolutions),
     ).to(device)
     net = module.unet
     if args.channels_last:

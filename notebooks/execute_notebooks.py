@@ -22,11 +22,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def parameters(runs: Path, data_dir: str) -> dict[str, dict[str, object]]:
+def parameters(runs: Path, data_dir: str, phase1_run: str = "phase1") -> dict[str, dict[str, object]]:
     ckpt = {name: str(runs / name / "checkpoints" / "last.ckpt") for name in ("phase1", "phase2", "phase3", "classifier")}
     split = str(runs / "phase1" / "split.json")  # every results run uses the same split (same data, same seed)
+    notebook01_ckpt = str(runs / phase1_run / "checkpoints" / "last.ckpt")
     return {
-        "01_unconditional_diffusion": {"CKPT": ckpt["phase1"], "DATA_DIR": data_dir, "NUM_SAMPLES": 64},
+        "01_unconditional_diffusion": {"CKPT": notebook01_ckpt, "DATA_DIR": data_dir, "NUM_SAMPLES": 64},
         "02_Inpainting_Diffusion": {
             "INPAINT_CKPT": ckpt["phase2"],
             "PHASE1_CKPT": ckpt["phase1"],
@@ -50,9 +51,11 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="notebook names (default: all)")
     parser.add_argument("--runs", type=Path, default=Path("runs/results"), help="results runs (relative to the repository)")
     parser.add_argument("--data-dir", default="../shared/data/pbc64", help="the data the runs were trained on")
+    parser.add_argument("--phase1-run", default="phase1",
+                        help="the run notebook 01 shows: phase1 (32 px, 1.2 M) or phase1_64 (64 px, 11 M)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args()
-    params = parameters(args.runs, args.data_dir)
+    params = parameters(args.runs, args.data_dir, args.phase1_run)
     for name in args.names or list(params):
         missing = [v for v in params[name].values() if str(v).endswith(".ckpt") and not (REPO / str(v)).is_file()]
         if missing:
