@@ -17,7 +17,7 @@ from PIL import Image
 from celldiff.cli import main
 from tests.conftest import REPO, TINY_MODEL_ARGS
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))  # configs/results/ too
 
 
 def run_cli(args: list[str], cwd: Path) -> None:
@@ -62,7 +62,7 @@ def _plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["celldiff"])
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
 def test_print_config_for_every_config(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
