@@ -1,6 +1,8 @@
 """The inpainting comparison figure of docs/results.md: the same test cells and masks, every method.
 
     python scripts/results_figures.py [--runs runs/results] [--out docs/results/inpainting_comparison.png]
+    python scripts/results_figures.py --phase2-run phase2_288k --seed-run seed_inpaint_288k --phase1-run "" \
+        --out docs/results/inpainting_comparison_288k.png        # the 288 k-image models, no Phase 1 column
 
 For each mask family (box, brush, nucleus) a few test cells (the first of ``celldiff evaluate``'s
 seeded draw, so the cells the tables measured) are shown as rows: masked input, celldiff Phase 2,
@@ -23,8 +25,6 @@ from celldiff.callbacks import image_grid, labelled_rows, save_png
 from celldiff.data import CellDataModule, MaskAssigner, noise_seed_for
 from celldiff.module import DiffusionModule
 
-METHODS = ["masked", "celldiff phase 2", "seed recipe", "phase 1 + repl.", "blur fill", "mean fill", "original"]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,12 +32,18 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/pbc64")
     parser.add_argument("--cells", type=int, default=4, help="test cells per mask family")
     parser.add_argument("--out", type=Path, default=Path("docs/results/inpainting_comparison.png"))
+    parser.add_argument("--phase2-run", default="phase2", help="the celldiff Phase 2 run under --runs")
+    parser.add_argument("--seed-run", default="seed_inpaint", help="the seed-recipe run under --runs")
+    parser.add_argument("--phase1-run", default="phase1", help='the Phase 1 run (replacement column); "" for none')
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     load = lambda name: DiffusionModule.load_from_checkpoint(args.runs / name / "checkpoints" / "last.ckpt", map_location="cpu").eval()  # noqa: E731
-    models = {"celldiff phase 2": load("phase2"), "seed recipe": load("seed_inpaint"), "phase 1 + repl.": load("phase1")}
+    models = {"celldiff phase 2": load(args.phase2_run), "seed recipe": load(args.seed_run)}
+    if args.phase1_run:
+        models["phase 1 + repl."] = load(args.phase1_run)
+    methods = ["masked", *models, "blur fill", "mean fill", "original"]
     size = models["celldiff phase 2"].hparams.image_size
-    dm = CellDataModule(args.data_dir, image_size=size, split_file=str(args.runs / "phase1" / "split.json"),
+    dm = CellDataModule(args.data_dir, image_size=size, split_file=str(args.runs / args.phase2_run / "split.json"),
                         mask_options={"box": {"num_boxes": [1, 1]}})  # fmt: skip
     dm.prepare_data()
     dm.setup("test")
@@ -55,14 +61,14 @@ def main() -> None:
             outputs[name] = model.generate(seeds, condition=condition, sampler="ddim", steps=50)
         outputs["blur fill"], outputs["mean fill"] = blur_fill(known, mask), mean_fill(known, mask)
         for i in range(len(positions)):
-            strip = image_grid(torch.stack([outputs[m][i] for m in METHODS]), nrow=len(METHODS))
+            strip = image_grid(torch.stack([outputs[m][i] for m in methods]), nrow=len(methods))
             big = np.asarray(Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST))
             rows.append((f"{family} {dm.class_names[int(batch['label'][i])]}", big))
     header = Image.new("RGB", (rows[0][1].shape[1], 16), (255, 255, 255))
     from PIL import ImageDraw
 
-    step = rows[0][1].shape[1] / len(METHODS)
-    for j, name in enumerate(METHODS):
+    step = rows[0][1].shape[1] / len(methods)
+    for j, name in enumerate(methods):
         ImageDraw.Draw(header).text((int(j * step) + 4, 2), name, fill=(0, 0, 0))
     figure = labelled_rows([("", np.asarray(header)), *rows], margin=110)
     save_png(figure, args.out)
