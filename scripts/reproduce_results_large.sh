@@ -29,7 +29,9 @@ OMP_NUM_THREADS=2 fit phase1_64 phase1_64 &
 PHASE1_PID=$!
 [ -f $CLS ] || OMP_NUM_THREADS=1 fit classifier classifier --trainer.precision bf16-mixed
 export OMP_NUM_THREADS=1
-# 2. the seed recipe at 288 k images while Phase 1 finishes, then three one-thread chains
+# 2. both Phase 2 recipes at 288 k images while Phase 1 finishes (one thread each), then the
+#    Phase 1 sampler comparison: DDIM 25 / 50 / 100 at n = 256, and all four samplers at n = 32
+#    (DDPM 1000 at n = 256 would take 8x longer than everything else together)
 (
   fit seed_inpaint_288k seed_inpaint $LONG
   E seed288k_ddim50 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint_288k/checkpoints/last.ckpt \
@@ -38,19 +40,23 @@ export OMP_NUM_THREADS=1
   E seed288k_ddpm1000 --config configs/results/seed_inpaint.yaml --ckpt_path $R/seed_inpaint_288k/checkpoints/last.ckpt \
     --num_samples 30 --trainer.precision bf16-mixed
 ) &
-wait $PHASE1_PID
-(
-  E p64_ddim50 --config configs/results/phase1_64.yaml --ckpt_path $P64 --num_samples 256 --model.sampler ddim --model.sampling_steps 50
-  E p64_ddim25 --config configs/results/phase1_64.yaml --ckpt_path $P64 --num_samples 256 --model.sampler ddim --model.sampling_steps 25
-  E p64_ddim100 --config configs/results/phase1_64.yaml --ckpt_path $P64 --num_samples 256 --model.sampler ddim --model.sampling_steps 100
-  E p64_ddpm1000 --config configs/results/phase1_64.yaml --ckpt_path $P64 --num_samples 32 --model.sampler ddpm --model.sampling_steps 1000
-) &
 (
   fit phase2_288k phase2 $LONG
   E phase2_288k_ddim50 --config configs/results/phase2.yaml --ckpt_path $R/phase2_288k/checkpoints/last.ckpt \
     --num_samples 120 --trainer.precision bf16-mixed
   E mean_fill --config configs/results/phase2.yaml --baseline mean_fill --num_samples 120
   E blur_fill --config configs/results/phase2.yaml --baseline blur_fill --num_samples 120
+) &
+wait $PHASE1_PID
+(
+  P1="--config configs/results/phase1_64.yaml --ckpt_path $P64"
+  E p64_ddim50 $P1 --num_samples 256 --model.sampler ddim --model.sampling_steps 50
+  E p64_ddim25 $P1 --num_samples 256 --model.sampler ddim --model.sampling_steps 25
+  E p64_ddpm1000 $P1 --num_samples 32 --model.sampler ddpm --model.sampling_steps 1000
+  for s in 25 50 100; do
+    E p64_ddim${s}_n32 $P1 --num_samples 32 --model.sampler ddim --model.sampling_steps $s
+  done
+  E p64_ddim100 $P1 --num_samples 256 --model.sampler ddim --model.sampling_steps 100
 ) &
 wait
 .venv/bin/celldiff test --config configs/results/classifier.yaml --data.data_dir "$DATA" --ckpt_path $CLS \
