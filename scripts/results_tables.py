@@ -47,9 +47,19 @@ def main(root: Path) -> None:
             "FD": m["frechet_distance"], "floor": m["frechet_distance_floor"], "precision": m["precision"],
             "recall": m["recall"], "below test p01": memo.get("fraction_below_test_p01"),
             "s/image": seconds(root / f"{name}.log"),
+            "judge acc (real)": m.get("classifier_accuracy_real_test"),
         })  # fmt: skip
     print("### Fidelity (classifier features)\n")
-    print(table(fidelity, ["run", "sampler", "n", "FD", "floor", "precision", "recall", "below test p01", "s/image"]))
+    print(table(fidelity, ["run", "sampler", "n", "FD", "floor", "precision", "recall", "below test p01", "s/image",
+                           "judge acc (real)"]))  # fmt: skip
+    for name, m in runs.items():
+        if m.get("classifier") or m.get("inpainting") or not m.get("per_class"):
+            continue  # class mix and per-class FD of unconditional samples, as the classifier reads them
+        n_fake, n_real = m["num_samples"], m["num_real"]
+        rows = [{"class": r["class"], "generated %": 100 * r["n_generated"] / n_fake, "real %": 100 * r["n_real"] / n_real,
+                 "FD": r.get("frechet_distance"), "floor": r.get("floor")} for r in m["per_class"]]  # fmt: skip
+        print(f"### Classes drawn: {name} (as the classifier reads them, n = {n_fake})\n")
+        print(table(rows, ["class", "generated %", "real %", "FD", "floor"]))
     rows = []
     for name, m in runs.items():
         for r in m.get("inpainting") or []:
