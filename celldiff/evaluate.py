@@ -30,6 +30,8 @@ from celldiff.evaluation import (
     frechet_distance,
     frechet_distance_floor,
     inception_metrics,
+    kernel_distance,
+    kernel_distance_floor,
     lpips_distances,
     lpips_network,
     memorisation_report,
@@ -254,6 +256,7 @@ def run_evaluation(
     train_feats = extract_features(classifier, judge_view(real_train, judge_size))
     floor, floor_n = frechet_distance_floor(real_feats, n=n, generator=torch.Generator().manual_seed(seed))
     precision, recall = precision_recall(real_feats, fake_feats, k=3)
+    kernel_floor, kernel_floor_n = kernel_distance_floor(real_feats, n, torch.Generator().manual_seed(seed))
     metrics: dict[str, Any] = {
         "feature_space": f"celldiff cell classifier ({fake_feats.shape[1]}-d penultimate features)"
         + (f", at {judge_size} px (cells downsampled from {model_size} px)" if judge_size != model_size else ""),
@@ -268,6 +271,9 @@ def run_evaluation(
         "frechet_distance_floor_n": floor_n,
         "precision": precision,
         "recall": recall,
+        "kernel_distance": kernel_distance(real_feats, fake_feats),
+        "kernel_distance_floor": kernel_floor,
+        "kernel_distance_floor_n": kernel_floor_n,
         "note": SMALL_N_NOTE,
         "seed": seed,
         "sampler": sampler or model.hparams.sampler,
@@ -323,7 +329,8 @@ def run_evaluation(
     save_png(image_grid(fake[:grid_n]), out / "generated_grid.png")
     print(
         f"celldiff: Fréchet distance {metrics['frechet_distance']:.3f} (n = {n}) vs real-vs-real floor "
-        f"{floor:.3f} (n = {floor_n}); precision {precision:.3f}, recall {recall:.3f}. {SMALL_N_NOTE}",
+        f"{floor:.3f} (n = {floor_n}); kernel distance {metrics['kernel_distance']:.4g} vs floor {kernel_floor:.2g}; "
+        f"precision {precision:.3f}, recall {recall:.3f}. {SMALL_N_NOTE}",
         file=sys.stderr,
     )
     print(f"celldiff: wrote {json_path} and {md_path}", file=sys.stderr)

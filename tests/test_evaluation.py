@@ -290,3 +290,27 @@ def test_judge_view_downsamples_like_the_classifier_training_images():
     # a one-pixel checkerboard averages to grey (no aliasing), unlike plain subsampling
     checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 255).to(torch.uint8).expand(1, 3, 32, 32)
     assert judge_view(checker, 16)[..., 2:-2, 2:-2].abs().max() < 0.1
+
+
+def test_kernel_distance_matches_the_unbiased_mmd_formula_and_is_unbiased():
+    from celldiff.evaluation import kernel_distance, kernel_distance_floor
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=gen).double(), torch.randn(7, 3, generator=gen).double() + 0.5
+
+    def k(x, y):
+        return (float(x @ y) / 3 + 1) ** 3
+
+    within_a = sum(k(a[i], a[j]) for i in range(5) for j in range(5) if i != j) / 20
+    within_b = sum(k(b[i], b[j]) for i in range(7) for j in range(7) if i != j) / 42
+    across = sum(k(a[i], b[j]) for i in range(5) for j in range(7)) / 35
+    assert kernel_distance(a, b) == pytest.approx(within_a + within_b - 2 * across, rel=1e-9)
+    # one distribution: mean over draws near 0 at a small n (FD would be biased far above 0 here)
+    draws = [kernel_distance(torch.randn(16, 8, generator=gen), torch.randn(400, 8, generator=gen)) for _ in range(200)]
+    shifted = kernel_distance(torch.randn(16, 8, generator=gen) + 1.0, torch.randn(400, 8, generator=gen))
+    assert abs(np.mean(draws)) < 3 * np.std(draws) / np.sqrt(len(draws))
+    assert shifted > 10 * np.std(draws)
+    floor, n = kernel_distance_floor(torch.randn(100, 8, generator=gen), n=80, generator=gen)
+    assert n == 50 and abs(floor) < shifted
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_distance(a[:1], b)
