@@ -1,8 +1,8 @@
 """The inpainting comparison figure of docs/results.md: the same test cells and masks, every method.
 
     python scripts/results_figures.py [--runs runs/results] [--out docs/results/inpainting_comparison.png]
-    python scripts/results_figures.py --phase2-run phase2_288k --seed-run seed_inpaint_288k --phase1-run "" \
-        --out docs/results/inpainting_comparison_288k.png        # the 288 k-image models, no Phase 1 column
+    python scripts/results_figures.py --phase2-run phase2_192k --seed-run seed_inpaint_192k --phase1-run "" \
+        --out docs/results/inpainting_comparison_192k.png        # the 192 k-image models, no Phase 1 column
 
 For each mask family (box, brush, nucleus) a few test cells (the first of ``celldiff evaluate``'s
 seeded draw, so the cells the tables measured) are shown as rows: masked input, celldiff Phase 2,
