@@ -61,7 +61,7 @@ wait
 .venv/bin/celldiff test --config configs/results/classifier.yaml --data.data_dir "$DATA" --ckpt_path $CLS \
     --run_dir $R/classifier_test > $R/classifier_test.log 2>&1
 .venv/bin/python scripts/results_tables.py $R/eval
-python scripts/results_figures.py --phase2-run phase2_192k --seed-run seed_inpaint_192k --phase1-run "" \
+.venv/bin/python scripts/results_figures.py --phase2-run phase2_192k --seed-run seed_inpaint_192k --phase1-run "" \
     --data-dir "$DATA" --out docs/results/inpainting_comparison_192k.png
 # 3. notebook 01 against the 64 px Phase 1 model
 .venv/bin/python notebooks/execute_notebooks.py 01_unconditional_diffusion --phase1-run phase1_64 --data-dir "$DATA"
