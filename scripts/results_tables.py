@@ -16,7 +16,7 @@ from pathlib import Path
 
 def fmt(value: object, digits: int = 3) -> str:
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits}f}" if abs(value) >= 0.1 or value == 0 else f"{value:.2g}"
     return "" if value is None else str(value)
 
 
@@ -45,12 +45,13 @@ def main(root: Path) -> None:
         fidelity.append({
             "run": name, "sampler": f"{m.get('sampler')} {m.get('steps') or ''}".strip(), "n": m["num_samples"],
             "FD": m["frechet_distance"], "floor": m["frechet_distance_floor"], "precision": m["precision"],
-            "recall": m["recall"], "below test p01": memo.get("fraction_below_test_p01"),
+            "recall": m["recall"], "KID": m.get("kernel_distance"), "KID floor": m.get("kernel_distance_floor"),
+            "below test p01": memo.get("fraction_below_test_p01"),
             "s/image": seconds(root / f"{name}.log"),
             "judge acc (real)": m.get("classifier_accuracy_real_test"),
         })  # fmt: skip
     print("### Fidelity (classifier features)\n")
-    print(table(fidelity, ["run", "sampler", "n", "FD", "floor", "precision", "recall", "below test p01", "s/image",
+    print(table(fidelity, ["run", "sampler", "n", "FD", "floor", "precision", "recall", "KID", "KID floor", "below test p01", "s/image",
                            "judge acc (real)"]))  # fmt: skip
     for name, m in runs.items():
         if m.get("classifier") or m.get("inpainting") or not m.get("per_class"):
