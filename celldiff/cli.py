@@ -192,6 +192,10 @@ class CellDiffCLI(LightningCLI):
                 "checkpoint.filename": "epoch{epoch:04d}-step{step:07d}",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.save_top_k": -1,
+                # Every run has its own directory, so a name never needs a -v1: a run resumed in a moved or
+                # renamed directory (Lightning then cannot restore the callback's record of its files)
+                # must still overwrite last.ckpt, or `--ckpt_path last` and evaluate would load the old one.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.link_arguments("data.image_size", "model.init_args.image_size")

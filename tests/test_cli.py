@@ -132,6 +132,18 @@ def test_resume_last_continues_the_run(small_sample, tmp_path):
     assert len(list(run_dir.glob("config.resumed-*.yaml"))) == 1
 
 
+def test_resume_in_a_moved_run_dir_overwrites_last_ckpt(small_sample, tmp_path):
+    """A run directory moved (or renamed) between legs: the resumed leg still writes last.ckpt, not last-v1.ckpt."""
+    run_cli(fit_args(small_sample, tmp_path / "first", "--trainer.max_epochs", "1"), tmp_path)
+    moved = tmp_path / "moved"
+    (tmp_path / "first").rename(moved)
+    first = torch.load(moved / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    run_cli(fit_args(small_sample, moved, "--ckpt_path", "last"), tmp_path)
+    second = torch.load(moved / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert second["global_step"] > first["global_step"]
+    assert not list((moved / "checkpoints").glob("last-v*.ckpt"))
+
+
 def test_existing_run_dir_is_not_overwritten(small_sample, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
