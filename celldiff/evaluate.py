@@ -9,12 +9,11 @@ region metrics for inpainting models, and Inception FID/KID only when local weig
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +146,7 @@ def generate_for_evaluation(
         labels = [i % num_classes for i in range(num_samples)] if conditional else [-1] * num_samples
         for i in range(0, num_samples, batch_size):
             jobs.append({"family": None, "index": range(i, min(i + batch_size, num_samples))})
-    context = forward_context or contextlib.nullcontext
+    context = forward_context or nullcontext
     rank, world = _world()
     maskers: dict[str, MaskAssigner] = {}
     mine: dict[int, dict[str, Any]] = {}
