@@ -257,6 +257,7 @@ class CellDiffCLI(LightningCLI):
                 cfg.data.num_predict_samples = cfg.num_samples
 
         run_dir = self._resolve_run_dir(sub, cfg, stem)
+        self._use_run_split(sub, cfg, run_dir)
         # Processes that Lightning's DDP launcher starts re-run this command: they must find the
         # same directory, not a new timestamp.
         os.environ[RUN_DIR_ENV] = str(run_dir)
@@ -272,6 +273,33 @@ class CellDiffCLI(LightningCLI):
         else:
             cfg.trainer.logger = self._patch_loggers(cfg.trainer.logger, run_dir, stem)
         print(f"celldiff: {'evaluate' if self.evaluate_mode else sub} run directory: {run_dir}", file=sys.stderr)
+
+    def _use_run_split(self, sub: str, cfg: Namespace, run_dir: Path) -> None:
+        """Make the run's ``split.json`` the split of every later command on that run.
+
+        Resuming (``fit --ckpt_path``) and validate / test / predict / evaluate of a checkpoint reuse the
+        split saved beside it (``<run>/split.json``, the run being the checkpoint's grandparent folder):
+        the split is never recomputed, and a file it lists that is gone from the data is reported as an
+        error. ``--data.split_file`` given explicitly wins.
+        """
+        if cfg.data.get("split_file") or not cfg.get("ckpt_path"):
+            return
+        if sub == "fit" and cfg.ckpt_path == "last":
+            source = run_dir
+        elif Path(str(cfg.ckpt_path)).is_file():
+            source = Path(str(cfg.ckpt_path)).resolve().parent.parent
+        else:
+            return
+        split_file = source / "split.json"
+        if split_file.is_file():
+            cfg.data.split_file = str(split_file)
+            print(f"celldiff: using the run's split {split_file}", file=sys.stderr)
+        elif str(cfg.ckpt_path).endswith(".ckpt"):
+            print(
+                f"celldiff: no split.json beside {cfg.ckpt_path} (expected {split_file}); the split is computed from"
+                f" data.split_seed={cfg.data.get('split_seed')}",
+                file=sys.stderr,
+            )
 
     def _resolve_run_dir(self, sub: str, cfg: Namespace, stem: str) -> Path:
         if sub == "predict" or self.evaluate_mode:

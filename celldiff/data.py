@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import warnings
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,8 @@ class Split:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
+            "method": "content-hash",  # v2: each file placed by a hash of (seed, its bytes); v1 (shuffled ranks) loads too
             "seed": self.seed,
             "fractions": list(self.fractions) if self.fractions else None,
             "train": self.train,
@@ -141,17 +141,13 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _split_counts(count: int, fractions: tuple[float, float, float]) -> tuple[int, int]:
-    """(train, val) image counts of a class: largest remainders, so each is within 1 of exact."""
-    exact = [fraction * count for fraction in fractions]
-    counts = [math.floor(x + 1e-9) for x in exact]
-    # Leftover images go to the largest remainders; ties favour train, then test, then val.
-    order = sorted(range(3), key=lambda i: (-round(exact[i] - counts[i], 9), (0, 2, 1).index(i)))
-    for i in order[: count - sum(counts)]:
-        counts[i] += 1
-    if counts[0] == 0 and count > 0:  # tiny classes still train
-        counts[0], counts[2 if counts[2] else 1] = 1, counts[2 if counts[2] else 1] - 1
-    return counts[0], counts[1]
+def _split_position(seed: int, digest: str) -> float:
+    """Where a file falls in [0, 1) for the split: a hash of (seed, its content digest).
+
+    A pure function of the file's bytes, so adding, removing or renaming other files never moves it.
+    """
+    raw = hashlib.sha256(f"celldiff-split:{seed}:{digest}".encode()).digest()
+    return int.from_bytes(raw[:8], "big") / 2.0**64
 
 
 def make_split(
@@ -162,26 +158,30 @@ def make_split(
     seed: int = 0,
     class_names: Sequence[str] | None = None,
 ) -> Split:
-    """Seeded split, stratified by class, that never puts byte-identical files in two splits.
+    """Seeded split by content hash, stratified by class, that never puts byte-identical files in two splits.
 
-    Each class's duplicate groups are shuffled with ``numpy.random.default_rng((seed, class))``
-    (keyed by class name when given, so selecting a class subset leaves each class's split
-    unchanged) and dealt out so that each split holds fraction × images of the class, to within
-    one image (or one duplicate group)
+    Each file (each group of byte-identical files) gets a position ``u`` in [0, 1) from a hash of
+    (``seed``, its SHA-256), and goes to train if ``u < f_train``, val if ``u < f_train + f_val``,
+    else test. The assignment of a file depends on its bytes alone: adding, removing, renaming or
+    relabelling other files moves nothing else (a changed file moves at most itself), and the split
+    of one class does not depend on the others. Every class is split with the same fractions, so
+    each holds ``fraction × images`` in expectation (binomial spread: for 1,000 images at 0.2,
+    ± 13 images is one standard deviation). A class that would get no training image at all (a
+    class of 1-3 images) trains on its lowest-``u`` file, so even a one-image class trains.
     Groups whose copies carry different labels are warned about and follow the first copy.
 
     Args:
         relpaths: Path of each image, ``"<class>/<file>"``.
         labels: Class index of each image.
-        sha256: Digest of each file's bytes.
+        sha256: Digest of each file's bytes (an empty digest falls back to the path).
         fractions: Train/val/test fractions, summing to 1.
-        seed: Shuffling seed.
-        class_names: Optional names of the label indices, used to key the per-class RNG.
+        seed: Seed of the hash; another seed gives an independent split.
+        class_names: Unused (the split of a class is independent of the others); kept for callers.
     """
     fractions = _check_fractions(fractions)
     groups: dict[str, list[int]] = {}
     for index, digest in enumerate(sha256):
-        groups.setdefault(digest or f"unique:{index}", []).append(index)
+        groups.setdefault(digest or f"path:{relpaths[index]}", []).append(index)
     mixed = [g for g in groups.values() if len({labels[i] for i in g}) > 1]
     if mixed:
         shown = "; ".join(" = ".join(relpaths[i] for i in g) for g in mixed[:5])
@@ -191,20 +191,16 @@ def make_split(
             CellDataWarning,
             stacklevel=2,
         )
-    by_class: dict[int, list[list[int]]] = {}
-    for group in sorted(groups.values(), key=lambda g: relpaths[g[0]]):
-        by_class.setdefault(int(labels[group[0]]), []).append(group)
+    train_end, val_end = fractions[0], fractions[0] + fractions[1]
     chosen: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
-    for label, class_groups in sorted(by_class.items()):
-        key = zlib.crc32(class_names[label].encode()) if class_names else label
-        order = np.random.default_rng([seed, key]).permutation(len(class_groups))
-        n_train, n_val = _split_counts(sum(len(g) for g in class_groups), fractions)
-        position = 0
-        for j in order:
-            group = class_groups[j]
-            middle = position + len(group) / 2  # exact counts for single files
-            position += len(group)
-            name = "train" if middle < n_train else "val" if middle < n_train + n_val else "test"
+    by_class: dict[int, list[tuple[float, list[int]]]] = {}
+    for key, group in groups.items():
+        by_class.setdefault(int(labels[group[0]]), []).append((_split_position(seed, key), group))
+    for _, class_groups in sorted(by_class.items()):
+        names = ["train" if u < train_end else "val" if u < val_end else "test" for u, _ in class_groups]
+        if "train" not in names:  # a tiny class: its lowest-u file trains
+            names[min(range(len(class_groups)), key=lambda j: class_groups[j][0])] = "train"
+        for name, (_, group) in zip(names, class_groups, strict=True):
             chosen[name].extend(group)
     lists = [[relpaths[i] for i in sorted(chosen[name])] for name in SPLIT_NAMES]
     return Split(*lists, seed=seed, fractions=fractions)
@@ -225,7 +221,8 @@ def split_indices(
         raise DataError(
             f"{where} lists {len(missing)} file(s) not among the {len(rows)} usable "
             f"images of the data, first: {missing[0]}; expected paths like "
-            f"{relpaths[0] if relpaths else '<class>/<file>'}"
+            f"{relpaths[0] if relpaths else '<class>/<file>'} (a saved split is never recomputed silently: restore the"
+            " files, or pass --data.split_file of another split)"
         )
     if len(set(listed)) != len(listed):
         twice = next(p for p, n in collections.Counter(listed).items() if n > 1)

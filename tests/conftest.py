@@ -43,12 +43,20 @@ def sample_dir() -> Path:
     return SAMPLE
 
 
+SMALL_SAMPLE_PER_CLASS = 10
+SMALL_SAMPLE_SPLIT = (51, 7, 22)  # train / val / test of the content-hash split at split_seed 0
+
+
 @pytest.fixture
 def small_sample(tmp_path) -> Path:
-    """Eight images per class copied from the bundled sample (64 images)."""
+    """Ten images per class copied from the bundled sample (80 images).
+
+    The content-hash split puts 51 of them in train, 7 in val and 22 in test: 3 training batches of 16
+    per epoch, which the resume and pre-emption tests rely on (test_fit_then_predict_round_trip checks it).
+    """
     root = tmp_path / "pbc_small"
     for class_dir in sorted(p for p in SAMPLE.iterdir() if p.is_dir()):
         (root / class_dir.name).mkdir(parents=True)
-        for f in sorted(class_dir.glob("*.jpg"))[:8]:
+        for f in sorted(class_dir.glob("*.jpg"))[:SMALL_SAMPLE_PER_CLASS]:
             shutil.copy(f, root / class_dir.name / f.name)
     return root

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from celldiff.cli import main
-from tests.conftest import REPO, TINY_MODEL_ARGS
+from tests.conftest import REPO, SMALL_SAMPLE_SPLIT, TINY_MODEL_ARGS
 
 CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))  # configs/results/ too
 
@@ -82,7 +82,7 @@ def test_fit_then_predict_round_trip(small_sample, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "metrics.csv").is_file()
     split = yaml.safe_load((run_dir / "split.json").read_text())
-    assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 64
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == SMALL_SAMPLE_SPLIT
     grids = sorted((run_dir / "samples").glob("epoch*.png"))
     assert len(grids) == 2
     metrics = (run_dir / "metrics.csv").read_text().splitlines()[0]
@@ -130,6 +130,25 @@ def test_resume_last_continues_the_run(small_sample, tmp_path):
     # The original config is kept; the resumed one is saved beside it.
     assert (run_dir / "config.yaml").is_file()
     assert len(list(run_dir.glob("config.resumed-*.yaml"))) == 1
+
+
+def test_the_runs_split_json_is_authoritative_for_later_commands(small_sample, tmp_path, capsys):
+    """Resume and test of a run reuse its split.json; a file it lists that is gone is an error, never a re-split."""
+    run_dir = tmp_path / "run"
+    run_cli(fit_args(small_sample, run_dir, "--trainer.max_epochs", "1"), tmp_path)
+    split = yaml.safe_load((run_dir / "split.json").read_text())
+    # Another split seed on the resume: the run's split still holds (it would otherwise move ~30 % of the cells).
+    run_cli(fit_args(small_sample, run_dir, "--ckpt_path", "last", "--data.split_seed", "7"), tmp_path)
+    assert "using the run's split" in capsys.readouterr().err
+    assert yaml.safe_load((run_dir / "split.json").read_text()) == split
+    (small_sample / split["test"][0]).unlink()  # a test cell removed from the data
+    test = ["test", "--config", str(REPO / "configs" / "demo.yaml"), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+            "--data.data_dir", str(small_sample), "--trainer.enable_progress_bar", "false", *TINY_MODEL_ARGS[-2:]]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(test, tmp_path)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"split file {run_dir / 'split.json'} lists 1 file(s) not among" in err and split["test"][0] in err
 
 
 def test_resume_in_a_moved_run_dir_overwrites_last_ckpt(small_sample, tmp_path):
