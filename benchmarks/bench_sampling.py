@@ -1,10 +1,12 @@
-"""Sampling throughput of the U-Net: DDPM (T steps) vs DDIM (50 steps), with peak memory.
+"""Sampling throughput of the U-Net: DDPM (T steps) vs DDIM (50) vs DPM-Solver++ (20), with peak memory.
 
 Usage:
     python benchmarks/bench_sampling.py                   # base 64, 64x64, batch 16, T = 1000
     python benchmarks/bench_sampling.py --ddpm-steps 100  # slow CPU: time 100 steps, extrapolate
     python benchmarks/bench_sampling.py --base-channels 32 --channel-mult 1 2 4 8 --num-res-blocks 1 \
         --attention-resolutions 8 --precision bf16   # configs/results/phase1_64.yaml's U-Net
+    python benchmarks/bench_sampling.py --base-channels 32 --channel-mult 1 2 4 8 --num-res-blocks 1 \
+        --attention-resolutions 8 --threads 1 --batch-size 4 --ddpm-steps 50   # DPM-Solver++ 20 vs DDIM 50 vs DDPM
 
 Every DDPM step costs one network evaluation, so timing ``--ddpm-steps`` < T steps and scaling by
 T / steps gives the full-T figure; both are printed, labelled. The weights are random (the output
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--num-timesteps", type=int, default=1000, help="T of the schedule")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM steps actually timed")
     parser.add_argument("--ddim-steps", type=int, default=50)
+    parser.add_argument("--dpmsolver-steps", type=int, default=20, help="DPM-Solver++ 2M steps (0: skip)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--precision",
@@ -137,24 +140,25 @@ def main() -> None:
     with torch.inference_mode():
         timed(lambda: run("ddim", 2), device)  # warm-up (allocator, oneDNN/cuDNN kernels)
         rows = []
-        for method, steps in (("ddpm", args.ddpm_steps), ("ddim", args.ddim_steps)):
+        runs = [("ddpm", args.ddpm_steps), ("ddim", args.ddim_steps), ("dpmsolver", args.dpmsolver_steps)]
+        for method, steps in [(m, s) for m, s in runs if s > 0]:
             seconds = timed(lambda m=method, s=steps: run(m, s), device)
             rows.append((method, steps, seconds, peak_memory_mb(device)))
 
     print(
-        f"\n{'sampler':<10}{'steps':>7}{'time [s]':>11}{'s/step':>9}{'img/s':>10}{'peak MiB':>10}"
+        f"\n{'sampler':<10}{'steps':>7}{'time [s]':>11}{'s/step':>9}{'img/s':>10}{'s/img':>9}{'peak MiB':>10}"
     )
     for method, steps, seconds, peak in rows:
         print(
             f"{method:<10}{steps:>7}{seconds:>11.2f}{seconds / steps:>9.3f}"
-            f"{args.batch_size / seconds:>10.3f}{peak:>10.0f}   (measured)"
+            f"{args.batch_size / seconds:>10.3f}{seconds / args.batch_size:>9.3f}{peak:>10.0f}   (measured)"
         )
     method, steps, seconds, _ = rows[0]
-    if steps != args.num_timesteps:
+    if method == "ddpm" and steps != args.num_timesteps:
         full = seconds / steps * args.num_timesteps
         print(
             f"{'ddpm':<10}{args.num_timesteps:>7}{full:>11.2f}{seconds / steps:>9.3f}"
-            f"{args.batch_size / full:>10.3f}{'':>10}   (extrapolated from {steps} steps)"
+            f"{args.batch_size / full:>10.3f}{full / args.batch_size:>9.3f}{'':>10}   (extrapolated from {steps} steps)"
         )
     note = "process max RSS" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
     print(f"peak memory: {note}")
