@@ -20,20 +20,33 @@ from torch import Tensor, nn
 
 from celldiff.data import mix_seed as _mix_seed
 from celldiff.masks import inpainting_condition
-from celldiff.sampler import guided_model_fn
+from celldiff.sampler import SAMPLING_METHODS, guided_model_fn
 from celldiff.sampler import sample as run_sampler
-from celldiff.schedule import NoiseSchedule
+from celldiff.schedule import LOSS_WEIGHTINGS, NoiseSchedule, min_snr_weight
 from celldiff.unet import UNet
 
 # Validation loss is also reported in these timestep ranges (fractions of T): the loss at small t
 # (fine detail) and large t (global structure) move very differently during training.
 TIMESTEP_BUCKETS = 4
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = SAMPLING_METHODS  # ("ddpm", "ddim", "dpmsolver")
 NONFINITE_POLICIES = ("error", "skip", "ignore")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class UnsupportedPrecisionError(ValueError):
+    """A ``--trainer.precision`` this model cannot train under; reported as one line."""
+
+
+# Pure float16 weights train to NaN in one AdamW step: its eps (1e-8) and most squared gradients
+# underflow to 0 in float16 (0 / 0), and *-true has no loss scaler. Inference in 16-true works.
+FP16_TRUE_MESSAGE = (
+    "--trainer.precision 16-true cannot train this model (float16 weights without loss scaling: "
+    "AdamW's eps and squared gradients underflow, NaN after one step); use bf16-true, bf16-mixed, "
+    "or 16-mixed on a GPU (16-true works for validate, test and predict)"
+)
 
 
 def generators_from_seeds(seeds: Sequence[int] | Tensor) -> list[torch.Generator]:
@@ -51,6 +64,48 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _loss_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of noise and loss arithmetic for images ``x``: at least float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _network_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The floating dtype of ``net``'s parameters (bf16/fp16 under ``*-true`` precisions)."""
+    for param in net.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return default
+
+
+def _sync_ema_counter(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the host-side EMA counter follows the loaded buffer."""
+    module._ema_updates_host = int(module.ema_updates)
+
+
+class _PendingFinite:
+    """A micro-batch's is-finite flag on its way to the host (copied without waiting).
+
+    On CUDA the copy is asynchronous: the host may read it only once ``event`` has passed.
+    Waiting on that event when the next micro-batch starts costs nothing in practice (the device
+    finished that forward long ago; it is still busy with the backward queued after it).
+    """
+
+    def __init__(self, step: int, batch_idx: int, finite: Tensor, loss: Tensor) -> None:
+        self.step, self.batch_idx, self.loss = step, batch_idx, loss
+        self.event: torch.cuda.Event | None = None
+        if finite.device.type == "cuda":
+            self.flag = finite.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(finite.device))
+        else:  # CPU: the flag itself; other devices: a plain (ordered) copy
+            self.flag = finite.to("cpu")
+
+    def is_finite(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()  # the copy has landed (usually long ago): no stall
+        return bool(self.flag)
 
 
 class DiffusionModule(L.LightningModule):
@@ -80,6 +135,11 @@ class DiffusionModule(L.LightningModule):
         prediction_type: What the network predicts: ``eps`` (ε, Ho et al.; the default) or ``v``
             (Salimans & Ho 2022), which learns the image's colour and layout at high noise much
             sooner (useful for short CPU runs). Samplers always receive ε.
+        loss_weighting: Per-timestep weight of the training loss: ``uniform`` (the plain MSE of
+            Ho et al.) or ``min_snr`` (Min-SNR-γ, Hang et al. 2023: min(SNR, γ) / SNR for ε,
+            min(SNR, γ) / (SNR + 1) for v, SNR = abar / (1 - abar)), which stops the easy
+            low-noise steps from dominating. Validation and test losses stay the plain MSE.
+        min_snr_gamma: The clamp γ of ``min_snr`` (> 0; 5 in the paper).
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
@@ -100,15 +160,18 @@ class DiffusionModule(L.LightningModule):
         loss_on_mask_only: Inpainting: compute the loss inside the mask only.
         resample_jump: RePaint jump length (reverse steps) when inpainting at sampling.
         resample_times: RePaint resamplings per jump (1 = plain replacement).
-        sampler: ``ddpm`` (ancestral, Ho et al. Alg. 2) or ``ddim`` (Song et al.).
-        sampling_steps: Reverse steps; ``None`` means T for ``ddpm`` and 50 for ``ddim``.
+        sampler: ``ddpm`` (ancestral, Ho et al. Alg. 2), ``ddim`` (Song et al.) or ``dpmsolver``
+            (DPM-Solver++ 2M, Lu et al. 2022; deterministic given x_T, "trailing" timesteps).
+        sampling_steps: Reverse steps; ``None`` means T for ``ddpm``, 50 for ``ddim`` and 20 for
+            ``dpmsolver``.
         ddim_eta: DDIM stochasticity (0 = deterministic).
         use_ema: Sample with the EMA weights (validation grids, predict).
         samples_per_image: Inpainting predict: samples drawn per masked image (diversity).
         noise_seed: Seed of the training/validation noise and timesteps; offset by rank and step.
         nonfinite_loss: What a NaN/inf training loss does: ``error`` stops the run with a message
-            naming the step (checked one step late, so it costs no host-device sync), ``skip``
-            skips that optimizer step on every rank (one sync per step), ``ignore`` trains on.
+            naming the step (and, under gradient accumulation, the batch; checked at the next
+            micro-batch, so the device never stalls), ``skip`` skips that optimizer step (under
+            accumulation: that micro-batch) on every rank (one sync per step), ``ignore`` trains on.
         channels_last: Run the U-Net in channels-last memory format (faster convolutions on GPUs).
         compile: ``torch.compile`` the U-Net for training (the first steps are slow while it compiles).
     """
@@ -147,6 +210,8 @@ class DiffusionModule(L.LightningModule):
         beta_schedule: str = "linear",
         num_timesteps: int = 1000,
         prediction_type: str = "eps",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
         inpainting: bool = False,
         mask_loss_weight: float = 1.0,
         loss_on_mask_only: bool = False,
@@ -191,6 +256,27 @@ class DiffusionModule(L.LightningModule):
             raise ValueError("model.resample_jump and model.resample_times must be >= 1")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        # Numbers that cannot work (issue 13, CLI engineer): one line from the CLI instead of a traceback later.
+        if not lr > 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        for name, value in (("num_timesteps", num_timesteps), ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
+                            ("num_heads", num_heads), ("image_size", image_size), ("samples_per_image", samples_per_image)):  # fmt: skip
+            if not value >= 1:
+                raise ValueError(f"model.{name} must be >= 1, got {value}")
+        for name, value in (("warmup_steps", warmup_steps), ("weight_decay", weight_decay), ("grad_clip_norm", grad_clip_norm),
+                            ("ddim_eta", ddim_eta), ("ema_start_step", ema_start_step), ("guidance_scale", guidance_scale)):  # fmt: skip
+            if not value >= 0:
+                raise ValueError(f"model.{name} must be >= 0, got {value}")
+        if not 0.0 <= min_lr_ratio <= 1.0 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.min_lr_ratio must be in [0, 1] and model.dropout in [0, 1), got {min_lr_ratio}, {dropout}")
+        if not all(0.0 <= b < 1.0 for b in adam_betas):
+            raise ValueError(f"model.adam_betas must be in [0, 1), got {list(adam_betas)}")
+        if sampling_steps is not None and sampling_steps < 1:
+            raise ValueError(f"model.sampling_steps must be >= 1 (or null: the sampler's default), got {sampling_steps}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"model.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        if not (isinstance(min_snr_gamma, (int, float)) and math.isfinite(min_snr_gamma) and min_snr_gamma > 0):
+            raise ValueError(f"model.min_snr_gamma must be a finite number > 0, got {min_snr_gamma!r}")
         self.save_hyperparameters()
         self.unet = UNet(
             in_channels=self.network_in_channels,
@@ -208,12 +294,19 @@ class DiffusionModule(L.LightningModule):
         # and DDP ignores it (no parameter requires grad).
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        # Host copy of ``ema_updates``: the EMA step reads it, never the buffer (a device->host
+        # sync per step). The buffer is still advanced on the device for the checkpoint, and any
+        # load_state_dict (resume, load_from_checkpoint, a weights file) re-reads it once.
+        self._ema_updates_host = 0
+        self.register_load_state_dict_post_hook(_sync_ema_counter)
         self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._pending_finite: tuple[int, Tensor, Tensor] | None = None  # (step, flag, loss) to check
+        self._pending_finite: _PendingFinite | None = None  # the last micro-batch's flag, checked next
         self._compiled: dict[str, nn.Module] = {}  # kept out of the state dict
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and str(self.trainer.precision) == "16-true":
+            raise UnsupportedPrecisionError(FP16_TRUE_MESSAGE)
         if self.hparams.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.ema_unet.to(memory_format=torch.channels_last)
@@ -252,8 +345,13 @@ class DiffusionModule(L.LightningModule):
 
     def network_forward(self, net: nn.Module, x_t: Tensor, t: Tensor, **condition: Any) -> Tensor:
         """Run ``net`` on ``x_t`` with its conditioning (inpainting: 7-channel input)."""
+        # The schedule, the loss and the samplers work in float32/float64; the network gets its
+        # input in its own parameter dtype (bf16/fp16 under --trainer.precision *-true; under
+        # autocast, *-mixed, the parameters are float32 and this is a no-op).
+        dtype = _network_dtype(net, x_t.dtype)
+        x_t = x_t.to(dtype)
         if self.hparams.inpainting:
-            extra = inpainting_condition(condition["known"], condition["mask"]).to(x_t.dtype)
+            extra = inpainting_condition(condition["known"], condition["mask"]).to(dtype)
             x_t = torch.cat([x_t, extra], dim=1)
         return net(self._layout(x_t), t, class_labels=condition.get("class_labels"))
 
@@ -290,8 +388,10 @@ class DiffusionModule(L.LightningModule):
         gen = self._generator(0, self.global_step, batch_idx, per_rank=False)  # batch_idx: accumulation
         device, shape = self.device, (self.hparams.image_channels, self.hparams.image_size, self.hparams.image_size)
         t = torch.randint(0, self.schedule.num_timesteps, (total,), device=device, generator=gen)
-        noise = torch.randn((total, *shape), device=device, generator=gen)
-        drop = torch.rand((total,), device=device, generator=gen) if with_labels else None
+        # Explicit float32: under --trainer.precision *-true Lightning makes bf16/fp16 the default
+        # dtype inside the step, which would quantise the noise (the target of the loss).
+        noise = torch.randn((total, *shape), device=device, dtype=torch.float32, generator=gen)
+        drop = torch.rand((total,), device=device, dtype=torch.float32, generator=gen) if with_labels else None
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
         return t[mine], noise[mine], drop[mine] if drop is not None else None
 
@@ -317,20 +417,44 @@ class DiffusionModule(L.LightningModule):
         weight = mask if hp.loss_on_mask_only else 1.0 + (hp.mask_loss_weight - 1.0) * mask
         return (weight * error).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
 
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Per-sample weight of the training loss at timesteps ``t`` (B,), float32.
+
+        ``min_snr``: Min-SNR-γ for this model's prediction type, from the float64 alpha_bar
+        (see ``celldiff.schedule.min_snr_weight``); ``uniform``: ones.
+        """
+        hp = self.hparams
+        if hp.loss_weighting == "uniform":
+            return torch.ones(t.shape, device=t.device, dtype=torch.float32)
+        alpha_bar = self.schedule.alpha_bar[t.to(self.schedule.alpha_bar.device)]
+        return min_snr_weight(alpha_bar, hp.min_snr_gamma, hp.prediction_type).to(t.device, torch.float32)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x0 = batch["image"]
         condition = self.network_condition(batch)
         labels = condition.get("class_labels")
         t, noise, drop = self._training_randomness(x0.shape[0], batch_idx, labels is not None)
-        noise = noise.to(x0.dtype)
+        noise = noise.to(_loss_dtype(x0))  # float32 (or float64), never the bf16 of a *-true batch
         if labels is not None and self.hparams.label_dropout > 0:
             condition["class_labels"] = torch.where(drop < self.hparams.label_dropout, self.null_class, labels)
-        loss = self.diffusion_loss(x0, t, noise, condition, self.train_network).mean()
+        per_sample = self.diffusion_loss(x0, t, noise, condition, self.train_network)
+        if self.hparams.loss_weighting == "min_snr":  # "uniform" multiplies by nothing
+            # sync_dist: the logged losses are the global batch's (an all-reduce, no host sync).
+            self.log("train/loss_unweighted", per_sample.mean(), batch_size=x0.shape[0], sync_dist=True)
+            per_sample = per_sample * self.loss_weight(t)
+        loss = per_sample.mean()
         # sync_dist: the logged loss is the global batch's (an all-reduce, no host sync).
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
-        return self._guard_nonfinite(loss)
+        return self._guard_nonfinite(loss, batch_idx)
 
-    def _guard_nonfinite(self, loss: Tensor) -> Tensor | None:
+    def _accumulating(self) -> bool:
+        return self._trainer is not None and self.trainer.accumulate_grad_batches > 1
+
+    def _where(self, step: int, batch_idx: int) -> str:
+        """'step 7', or under gradient accumulation 'step 7 (batch 15)': which micro-batch."""
+        return f"step {step} (batch {batch_idx})" if self._accumulating() else f"step {step}"
+
+    def _guard_nonfinite(self, loss: Tensor, batch_idx: int = 0) -> Tensor | None:
         policy = self.hparams.nonfinite_loss
         if policy == "ignore":
             return loss
@@ -340,24 +464,25 @@ class DiffusionModule(L.LightningModule):
             all_finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
             if not bool(all_finite):
                 self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
-                self.print(f"celldiff: non-finite loss at step {self.global_step}; step skipped")
+                # Under gradient accumulation only this micro-batch is left out of the step.
+                what = "batch skipped" if self._accumulating() else "step skipped"
+                self.print(f"celldiff: non-finite loss at {self._where(self.global_step, batch_idx)}; {what}")
                 return None
             return loss
-        # "error": copy the flag to the host without waiting, and look at it next step, when it
-        # has long arrived; raising then stops the run before a second bad step.
+        # "error": copy the flag to the host without waiting, and look at it at the next
+        # micro-batch (under gradient accumulation several share one global_step, so each keeps
+        # its own step and batch index); raising then stops the run before a second bad step.
         self._check_pending_finite()
-        self._pending_finite = (self.global_step, finite.to("cpu", non_blocking=True), loss.detach())
+        self._pending_finite = _PendingFinite(self.global_step, batch_idx, finite, loss.detach())
         return loss
 
     def _check_pending_finite(self) -> None:
-        if self._pending_finite is None:
-            return
-        step, flag, loss = self._pending_finite
-        self._pending_finite = None
-        if not bool(flag):
+        pending, self._pending_finite = self._pending_finite, None
+        if pending is not None and not pending.is_finite():
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {step}: stopping (lower model.lr, use "
-                "--trainer.precision 32-true or bf16-mixed, or set model.nonfinite_loss skip)"
+                f"training loss is {pending.loss.item()} at {self._where(pending.step, pending.batch_idx)}: "
+                "stopping (lower model.lr, use --trainer.precision 32-true or bf16-mixed, or set "
+                "model.nonfinite_loss skip)"
             )
 
     def on_train_epoch_end(self) -> None:
@@ -367,14 +492,16 @@ class DiffusionModule(L.LightningModule):
     def _stratified_timesteps(self, batch_size: int, device: torch.device) -> Tensor:
         """Evenly spread timesteps over [0, T): a low-variance, repeatable validation estimate."""
         steps = self.schedule.num_timesteps
-        return ((torch.arange(batch_size, device=device) + 0.5) * steps / batch_size).long()
+        # float64 explicitly: under *-true precisions the default dtype is bf16/fp16 in the step.
+        grid = torch.arange(batch_size, device=device, dtype=torch.float64)
+        return ((grid + 0.5) * steps / batch_size).long()
 
     def _shared_eval_step(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> Tensor:
         x0 = batch["image"]
         b = x0.shape[0]
         t = self._stratified_timesteps(b, x0.device)
         # Fixed noise per batch index: validation losses of different epochs are comparable.
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self._generator(1, batch_idx))
+        noise = torch.randn(x0.shape, device=x0.device, dtype=_loss_dtype(x0), generator=self._generator(1, batch_idx))
         condition = self.network_condition(batch)
         per_sample = self.diffusion_loss(x0, t, noise, condition, self.unet)
         loss = per_sample.mean()
@@ -384,7 +511,7 @@ class DiffusionModule(L.LightningModule):
             self.log(f"{stage}/loss_ema", ema_loss, batch_size=b, sync_dist=True)
         # Bucket counts are known on the host (t is deterministic), so logging needs no sync.
         steps = self.schedule.num_timesteps
-        host_t = ((torch.arange(b) + 0.5) * steps / b).long()
+        host_t = self._stratified_timesteps(b, torch.device("cpu"))
         for k in range(TIMESTEP_BUCKETS):
             lo, hi = k * steps // TIMESTEP_BUCKETS, (k + 1) * steps // TIMESTEP_BUCKETS
             in_bucket = (host_t >= lo) & (host_t < hi)
@@ -426,19 +553,53 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """EMA of the weights after each optimizer step (identical on every DDP rank)."""
+        """EMA of the weights after each optimizer step (identical on every DDP rank).
+
+        No device->host sync: the warm-up reads the host-side counter (restored from the
+        ``ema_updates`` buffer whenever a state dict is loaded) and the buffer is advanced on the
+        device. Under ``*-true`` precisions the EMA stays float32 (see ``_apply``), so the lerp
+        runs in float32 on a float32 copy of the bf16/fp16 weights.
+        """
         hp = self.hparams
-        n = int(self.ema_updates)  # a CPU-side counter would desync on resume; this one is saved
+        n = self._ema_updates_host
         if self.global_step < hp.ema_start_step:
             decay = 0.0
         else:
             decay = min(hp.ema_decay, (1 + n) / (10 + n)) if hp.ema_warmup else hp.ema_decay
-            self.ema_updates += 1
+            self._ema_updates_host = n + 1
+            self.ema_updates.add_(1)  # on the device, for the checkpoint
         ema_params = list(self.ema_unet.parameters())
-        params = [p.detach() for p in self.unet.parameters()]
+        params = [p.detach().to(e.dtype) for p, e in zip(self.unet.parameters(), ema_params, strict=True)]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for ema_buf, buf in zip(self.ema_unet.buffers(), self.unet.buffers(), strict=True):
             ema_buf.copy_(buf)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DiffusionModule:
+        """Keep the EMA weights float32 when the module is cast to bf16/fp16.
+
+        Lightning's ``*-true`` precisions call ``module.to(bfloat16)`` on the whole module. An EMA
+        stored in bf16 would stop moving: with decay 0.9999 each update is 1e-4 of the gap, far
+        below bf16's resolution (2^-8 relative). Device moves and casts to float32/float64 apply
+        as usual; the EMA network then samples in float32 (``network_forward`` casts its input).
+        """
+        ema = self._modules.get("ema_unet")
+        kept = []
+        if ema is not None:
+            for module in ema.modules():
+                for store in (module._parameters, module._buffers):
+                    for name, value in store.items():
+                        if value is not None and value.dtype == torch.float32:
+                            kept.append((store, name, value.data))  # .data: the float32 storage itself
+        super()._apply(fn, recurse)
+        for store, name, original in kept:
+            value = store[name]
+            if value is not None and value.dtype in (torch.float16, torch.bfloat16):
+                restored = original.to(value.device)
+                if isinstance(value, nn.Parameter):
+                    value.data = restored
+                else:
+                    store[name] = restored
+        return self
 
     # ------------------------------------------------------------------ sampling
     def sampling_network(self) -> nn.Module:
@@ -491,7 +652,7 @@ class DiffusionModule(L.LightningModule):
         Args:
             noise_seeds: One seed per image (length B); image i depends only on its seed.
             condition: Network conditioning (see ``network_condition``).
-            sampler: ``ddpm`` or ``ddim``; default from the hyperparameters.
+            sampler: ``ddpm``, ``ddim`` or ``dpmsolver``; default from the hyperparameters.
             steps: Reverse steps; default from the hyperparameters.
             callback: Called at every reverse step with the sampler's state dict.
             progress: Show a progress bar.

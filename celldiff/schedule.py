@@ -291,3 +291,37 @@ class NoiseSchedule(nn.Module):
         """
         alpha_bar = self.alpha_bar[t.to(device=self.alpha_bar.device, dtype=torch.long)]
         return (alpha_bar / (1.0 - alpha_bar)).to(device=t.device, dtype=dtype)
+
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction_type: str = "eps") -> Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy", eq. 10 and its ε / v forms), computed in float64.
+
+    With SNR = alpha_bar / (1 - alpha_bar), the weight of the ε-prediction MSE is
+    min(SNR, γ) / SNR and that of the v-prediction MSE is min(SNR, γ) / (SNR + 1). Both are
+    written without a division that can blow up: ε: γ / max(SNR, γ), which is exactly 1 once
+    SNR < γ (no 0/0 as SNR -> 0, t -> T) and γ / SNR -> 0 as SNR -> ∞ (t -> 0);
+    v: 1 / (SNR + 1) = 1 - alpha_bar, so the weight is min(alpha_bar, γ (1 - alpha_bar)).
+    Both lie in [0, 1] for every alpha_bar in [0, 1].
+
+    Args:
+        alpha_bar: Cumulative products alpha_bar_t (any shape), e.g. ``schedule.alpha_bar[t]``.
+        gamma: The clamp γ > 0 (the paper's default is 5).
+        prediction_type: ``"eps"`` or ``"v"``: what the loss compares.
+
+    Returns:
+        The weights, same shape and device as ``alpha_bar``, float64.
+    """
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"min-SNR gamma must be a finite number > 0, got {gamma!r}")
+    if prediction_type not in ("eps", "v"):
+        raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
+    alpha_bar = alpha_bar.to(torch.float64)
+    one_minus = 1.0 - alpha_bar
+    if prediction_type == "eps":
+        snr = alpha_bar / one_minus  # +inf only if alpha_bar == 1, where the weight is then 0
+        return gamma / torch.maximum(snr, torch.full_like(snr, gamma))
+    return torch.minimum(alpha_bar, gamma * one_minus)

@@ -201,3 +201,87 @@ def test_v_prediction_converts_back_to_eps():
     assert module.diffusion_loss(x0, t, noise, {}, Oracle()).max() < 1e-10
     with pytest.raises(ValueError, match="prediction_type"):
         tiny_module(prediction_type="x0")
+
+
+def test_update_ema_reads_nothing_from_the_device(monkeypatch):
+    """The EMA step must not wait for the device: no int()/item()/bool() of any tensor in it."""
+    module = tiny_module(ema_start_step=1)
+
+    def no_sync(self, *args, **kwargs):
+        raise AssertionError("update_ema read a tensor on the host (a device->host sync)")
+
+    for name in ("__int__", "__index__", "__float__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    module.update_ema()  # before ema_start_step: a copy
+    monkeypatch.setattr(DiffusionModule, "global_step", property(lambda self: 5))
+    module.update_ema()
+    module.update_ema()
+    monkeypatch.undo()
+    assert int(module.ema_updates) == 2 == module._ema_updates_host
+
+
+def test_ema_counter_follows_a_loaded_state_dict():
+    trained = tiny_module(ema_decay=0.999)
+    for _ in range(7):
+        trained.update_ema()
+    fresh = tiny_module(ema_decay=0.999)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh._ema_updates_host == 7
+    with torch.no_grad():
+        for a, b in zip(trained.unet.parameters(), fresh.unet.parameters(), strict=True):
+            a.add_(1.0)
+            b.add_(1.0)
+    trained.update_ema()  # warm-up decay (1 + 7) / (10 + 7) in both, not (1 + 0) / 10 in the fresh one
+    fresh.update_ema()
+    for a, b in zip(trained.ema_unet.parameters(), fresh.ema_unet.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resumed_fit_has_the_uninterrupted_ema(tmp_path):
+    """Two epochs straight == one epoch, then a resume from its checkpoint: the EMA warm-up included."""
+    hp = dict(ema_decay=0.99, warmup_steps=1, lr_schedule="constant")  # the warm-up decay reads the counter
+
+    def fit(epochs: int, ckpt_path=None, **kwargs) -> DiffusionModule:
+        module = tiny_module(**hp)
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, **kwargs)  # fmt: skip
+        trainer.fit(module, datamodule=FixedImages(steps=3), ckpt_path=ckpt_path)
+        return module
+
+    straight = fit(2, enable_checkpointing=False)
+    fit(1, callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="epoch1")])
+    resumed = fit(2, ckpt_path=tmp_path / "epoch1.ckpt", enable_checkpointing=False)
+    assert resumed._ema_updates_host == straight._ema_updates_host == 6
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("bad, step, steps_done", [(2, 1, 1), (3, 1, 2)], ids=["first-micro-batch", "last-micro-batch"])
+def test_nonfinite_loss_in_an_accumulated_micro_batch_names_its_step(bad, step, steps_done):
+    """accumulate_grad_batches 2: batches 2 and 3 both belong to optimizer step 1."""
+    module = tiny_module(nonfinite_loss="error")
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=rf"at step {step} \(batch {bad}\): stopping"):
+        trainer.fit(module, datamodule=Exploding(bad=bad, steps=8))
+    assert module.global_step == steps_done
+    if bad == 2:  # caught by the next micro-batch, before the optimizer step: the weights are intact
+        assert all(torch.isfinite(p).all() for p in module.unet.parameters())
+
+
+def test_pending_finite_flag_is_read_only_once_its_copy_has_landed():
+    """On CUDA the flag is copied to the host without waiting; reading it before the copy is a race."""
+    from celldiff.module import _PendingFinite
+
+    pending = _PendingFinite(3, 7, torch.tensor(False), torch.tensor(float("nan")))
+    stale = torch.tensor(True)  # what a pinned buffer holds before the asynchronous copy lands
+
+    class CopyInFlight:
+        synchronized = False
+
+        def synchronize(self):
+            self.synchronized = True
+            stale.fill_(False)  # the copy lands
+
+    pending.flag, pending.event = stale, CopyInFlight()
+    assert pending.is_finite() is False and pending.event.synchronized
