@@ -3,7 +3,8 @@
 Flow: ``scan_dataset`` (stat only) → ``load_cache`` / ``build_cache`` (in ``celldiff.imagecache``: (every usable image decoded
 once into an (N, S, S, 3) uint8 ``.npy``, memory-mapped afterwards) → here: ``make_split`` /
 ``load_split`` (seeded, stratified, byte-identical files kept together) → ``CellImageDataset``
-(memmap slices + dihedral augmentation) → ``CellDataModule``.
+(memmap slices + dihedral augmentation) → ``EpochSampler`` (the training order and every item's
+random draws from (seed, epoch, global position), shared out across DDP ranks) → ``CellDataModule``.
 
 The pure functions need no Lightning; notebooks and benchmarks use them directly.
 """
@@ -14,6 +15,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from celldiff.imagecache import (
     CACHE_FORMAT_VERSION,
@@ -61,6 +63,8 @@ __all__ = [
     "scan_dataset",
     "CellDataModule",
     "CellImageDataset",
+    "EpochSampler",
+    "draw_key",
     "MaskAssigner",
     "NoiseDataset",
     "Split",
@@ -77,6 +81,7 @@ __all__ = [
 ]
 
 SPLIT_NAMES = ("train", "val", "test")
+MAX_IMAGE_SIZE = 4096
 PREDICT_SOURCES = ("noise", *SPLIT_NAMES)
 
 # -------------------------------------------------------------------------------------- split
@@ -132,8 +137,16 @@ def load_split(path: str | os.PathLike[str]) -> Split:
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    values = tuple(float(f) for f in fractions)
-    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6 or values[0] == 0:
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        values = ()
+    if (
+        len(values) != 3
+        or not all(math.isfinite(v) and v >= 0 for v in values)
+        or abs(sum(values) - 1) > 1e-6
+        or values[0] == 0
+    ):
         raise DataError(
             f"split_fractions {list(fractions)} are invalid; expected three "
             "non-negative fractions for train/val/test summing to 1, train > 0"
@@ -272,10 +285,14 @@ def _gather_chw(images: np.ndarray, rows: np.ndarray, transforms: np.ndarray | N
 class MaskAssigner:
     """Gives every image of a batch an inpainting mask (uint8, 1 = missing), on the host.
 
-    Training masks are random: one generator per batch, seeded from the torch global RNG (which
-    Lightning seeds differently in every worker). Evaluation masks are fixed per image: a
-    generator seeded from (seed, cache row), so a test cell gets the same mask in every run, for
-    every model, whatever the batch it lands in.
+    Training masks are random. Drawn through the datamodule's training loader, every item brings a
+    draw key (a pure function of (seed, epoch, its position in the epoch's global order), see
+    ``EpochSampler``) and its mask comes from a generator seeded by that key: the same whatever the
+    rank, the worker or the number of processes, so N processes with batch b draw the masks of one
+    process with batch N x b. Called without keys (a hand-built loader), one generator per batch is
+    seeded from the torch global RNG. Evaluation masks are fixed per image: a generator seeded from
+    (seed, cache row), so a test cell gets the same mask in every run, for every model, whatever the
+    batch it lands in.
 
     Args:
         masks: Mask types, as ``MaskSampler.from_spec`` takes them (``"nucleus"``,
@@ -283,22 +300,45 @@ class MaskAssigner:
         options: Per-type keyword options, e.g. ``{"box": {"num_boxes": [1, 1]}}``.
         seed: Seed of the fixed evaluation masks.
         deterministic: Fixed per-image masks (evaluation) instead of random ones (training).
+
+    Raises:
+        DataError: an unknown mask type, a bad weight, an unknown option or an option value the
+            mask generator rejects (each type draws one trial mask here, so a typo fails at start-up).
     """
 
     def __init__(
         self, masks: Any, options: dict[str, dict[str, Any]] | None = None, seed: int = 0, deterministic: bool = False
     ) -> None:
-        from celldiff.masks import MaskSampler
+        from celldiff.masks import MASK_TYPES, MaskSampler
 
+        what = f"data.masks {masks!r}" + (f" with data.mask_options {options!r}" if options else "")
+        if (isinstance(masks, str) and not masks.strip(" ,")) or (not isinstance(masks, str) and not masks):
+            raise DataError(
+                f"data.masks {masks!r} names no mask type; expected one or more of {', '.join(MASK_TYPES)} "
+                "(e.g. box,brush or {box: 1, nucleus: 2}), or null for no masks"
+            )
+        if options is not None and (
+            not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values())
+        ):
+            raise DataError(
+                f"data.mask_options {options!r}: expected options per mask type, e.g. {{box: {{num_boxes: [1, 1]}}}}"
+            )
         try:
             self.sampler = MaskSampler.from_spec(masks, options=options)
-        except ValueError as err:
-            raise DataError(f"data.masks {masks!r}: {err}") from None
+            probe = torch.zeros(3, 32, 32)  # a trial mask per type: bad option values fail now, not mid-training
+            for name in self.sampler.names:
+                self.sampler.make(name, probe, torch.Generator().manual_seed(0))
+        except (ValueError, TypeError, KeyError, IndexError) as err:
+            raise DataError(f"{what}: {err}") from None
         self.seed = seed
         self.deterministic = deterministic
 
-    def __call__(self, images: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """Masks (B, 1, S, S) uint8 for uint8 images (B, 3, S, S) from cache rows ``rows``."""
+    def __call__(self, images: torch.Tensor, rows: np.ndarray, keys: Sequence[int] | None = None) -> torch.Tensor:
+        """Masks (B, 1, S, S) uint8 for uint8 images (B, 3, S, S) from cache rows ``rows``.
+
+        ``keys`` (training only): one draw key per item; item i's mask then depends on ``keys[i]``
+        and its image alone.
+        """
         x = images.float().div_(127.5).sub_(1.0)  # the nucleus mask reads the stain colours
         if self.deterministic:
             masks = torch.stack(
@@ -307,10 +347,42 @@ class MaskAssigner:
                     for i, r in enumerate(rows)
                 ]
             )
+        elif keys is not None:
+            masks = self._per_item(x, [torch.Generator().manual_seed(mix_seed(int(k), _MASK_DRAW)) for k in keys])
         else:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
             masks = self.sampler.batch(x, generator)
         return (masks > 0.5).to(torch.uint8)
+
+    def _per_item(self, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Item i's mask exactly as ``sampler(x[i], generators[i])``; nucleus masks in one batched pass."""
+        from celldiff.masks import nucleus_mask
+
+        sampler = self.sampler
+        names = sampler.last_types = [sampler.choose(g) for g in generators]
+        masks = torch.empty(x.shape[0], 1, *x.shape[-2:])
+        nucleus_rows = [i for i, name in enumerate(names) if name == "nucleus"]
+        if nucleus_rows:
+            found_masks, found = nucleus_mask(
+                x[nucleus_rows], None, **sampler.options.get("nucleus", {}), return_found=True
+            )
+            masks[nucleus_rows] = found_masks
+            for j, i in enumerate(nucleus_rows):
+                if not bool(found[j]):  # the fallback square draws from the item's own generator
+                    masks[i] = sampler.make("nucleus", x[i], generators[i])
+        for i, name in enumerate(names):
+            if name != "nucleus":
+                masks[i] = sampler.make(name, x[i], generators[i])
+        return masks
+
+
+_AUG_DRAW, _MASK_DRAW = 0xA6, 0x3A  # separate streams derived from one item's key
+_ORDER_POSITION = -1  # the epoch order's generator: draw_key of a position no item has
+
+
+def draw_key(seed: int, epoch: int, position: int) -> int:
+    """The key of all random draws (flip/rotation, mask) of the item at ``position`` of an epoch's global order."""
+    return mix_seed(seed, epoch, position)
 
 
 def mix_seed(*parts: int) -> int:
@@ -334,7 +406,9 @@ class CellImageDataset(Dataset):
         images: (N, S, S, 3) uint8 array or memmap (the whole cache).
         labels: (N,) class index of each cache row.
         indices: Cache rows in this dataset (default all).
-        augment: Random flips / 90° rotations from the global torch RNG (seeded per worker).
+        augment: Random flips / 90° rotations: from each item's draw key when the loader passes keys
+            (``EpochSampler``: independent of rank, worker and process count), else from the global
+            torch RNG (seeded per worker).
         predict_seed: If set, items carry ``noise_seed = noise_seed_for(predict_seed, position)``.
         masker: If set, items carry an inpainting ``mask`` (uint8 (1, S, S), 1 = missing) drawn
             after augmentation.
@@ -375,11 +449,22 @@ class CellImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def get_batch(self, positions: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
-        """Items at ``positions`` already collated: image (B, 3, S, S) uint8, label, index."""
+    def get_batch(
+        self, positions: Sequence[int] | np.ndarray, keys: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Items at ``positions`` already collated: image (B, 3, S, S) uint8, label, index.
+
+        ``keys``: one draw key per item (see ``draw_key``); item i's flip/rotation and training mask
+        then depend on ``keys[i]`` alone, not on the batch, the process or the global RNG.
+        """
         positions = np.asarray(positions, dtype=np.int64)
         rows = self.indices[positions]
-        transforms = torch.randint(0, 8, (len(rows),)).numpy() if self.augment else None
+        if not self.augment:
+            transforms = None
+        elif keys is not None:
+            transforms = np.array([mix_seed(int(k), _AUG_DRAW) % 8 for k in keys], dtype=np.int64)
+        else:
+            transforms = torch.randint(0, 8, (len(rows),)).numpy()
         columns = [self.labels[rows], rows]
         if self.predict_seed is not None:
             columns.append(np.array([noise_seed_for(self.predict_seed, int(p) % len(self)) for p in positions]))
@@ -390,7 +475,7 @@ class CellImageDataset(Dataset):
         if self.predict_seed is not None:
             batch["noise_seed"] = meta[2]
         if self.masker is not None:
-            batch["mask"] = self.masker(batch["image"], rows)
+            batch["mask"] = self.masker(batch["image"], rows, keys=keys)
         return batch
 
     def __getitem__(self, position: int) -> dict[str, Any]:
@@ -403,7 +488,10 @@ class CellImageDataset(Dataset):
 
 
 class _Batched(Dataset):
-    """Routes DataLoader batch fetches to ``get_batch`` (torch calls ``__getitems__``)."""
+    """Routes DataLoader batch fetches to ``get_batch`` (torch calls ``__getitems__``).
+
+    Indices are dataset positions, or ``(position, draw key)`` pairs from ``EpochSampler``.
+    """
 
     def __init__(self, dataset: CellImageDataset) -> None:
         self.dataset = dataset
@@ -411,11 +499,98 @@ class _Batched(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, position: int) -> dict[str, Any]:
+    def __getitem__(self, position: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(position, tuple):
+            batch = self.dataset.get_batch([position[0]], keys=[position[1]])
+            return {key: value[0] for key, value in batch.items()}
         return self.dataset[position]
 
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, positions: list[int] | list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        if positions and isinstance(positions[0], tuple):
+            return self.dataset.get_batch([p for p, _ in positions], keys=[k for _, k in positions])
         return self.dataset.get_batch(positions)
+
+
+class EpochSampler(DistributedSampler):
+    """The training order of an epoch as one global sequence, cut into global batches and shared by the ranks.
+
+    The global order of epoch e is a pure function of (``seed``, e): a permutation of the dataset,
+    or, with ``weights``, as many draws with replacement (class balance). It is cut into global
+    batches of ``num_replicas x batch_size``; rank r takes the r-th contiguous slice of each, the
+    slice of the global batch that ``DiffusionModule`` gives rank r's noise. Every item comes with
+    the draw key of its global position (``draw_key(seed, e, position)``), from which the dataset
+    draws its flip/rotation and mask. So W processes with batch b see exactly the images,
+    augmentations and masks of one process with batch W x b, whatever ``num_workers``.
+
+    A ``DistributedSampler`` for Lightning (it leaves the sampler in place under DDP instead of
+    wrapping it, and calls ``set_epoch`` every epoch, from the restored epoch on resume).
+
+    Args:
+        num_items: Length of the dataset.
+        batch_size: Items per batch per rank.
+        seed: Seed of the order and of the draws.
+        num_replicas: Number of ranks.
+        rank: This rank.
+        weights: Per-item sampling weights (draws with replacement), or None for a permutation.
+        drop_last: Only whole global batches (every rank gets ``batch_size`` items per step); else
+            one process keeps the last partial batch and ranks wrap around to fill theirs.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        # DistributedSampler.__init__ is not called: it needs torch.distributed and a dataset.
+        if not 0 <= rank < num_replicas or batch_size < 1 or num_items < 1:
+            raise ValueError(
+                f"EpochSampler: num_items={num_items}, batch_size={batch_size}, rank {rank} of {num_replicas}"
+            )
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, int(seed)
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float64)
+        self.shuffle, self.epoch = True, 0
+        global_batch = num_replicas * batch_size
+        if drop_last:
+            steps = num_items // global_batch
+        else:
+            steps = -(-num_items // global_batch)
+        self.num_samples = steps * batch_size
+        if not drop_last and num_replicas == 1:
+            self.num_samples = num_items
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_order(self, epoch: int | None = None) -> np.ndarray:
+        """Dataset positions of the whole epoch, in order (the same on every rank)."""
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed(draw_key(self.seed, epoch, _ORDER_POSITION))
+        if self.weights is None:
+            return torch.randperm(self.num_items, generator=generator).numpy()
+        return torch.multinomial(self.weights, self.num_items, replacement=True, generator=generator).numpy()
+
+    def global_positions(self) -> np.ndarray:
+        """Positions in the epoch's global order that this rank takes, in order."""
+        b, w = self.batch_size, self.num_replicas
+        if w == 1:
+            return np.arange(self.num_samples)
+        steps = self.num_samples // b
+        return (np.arange(steps)[:, None] * (w * b) + self.rank * b + np.arange(b)[None, :]).ravel()
+
+    def __iter__(self):  # type: ignore[override]
+        order = self.global_order()
+        for position in self.global_positions().tolist():
+            yield int(order[position % self.num_items]), draw_key(self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def collate_batch(items: Any) -> Any:
@@ -517,7 +692,10 @@ class CellDataModule(L.LightningDataModule):
         split_file: Reuse a split saved by ``save_split`` (a run's ``split.json``).
         cache_dir: Folder for the decoded cache; default ``$CELLDIFF_CACHE_DIR`` or
             ``~/.cache/celldiff``.
-        augment: Random flips and 90° rotations of training images.
+        augment: Random flips and 90° rotations of training images. Like the training masks, drawn
+            per item from (seed, epoch, position in the epoch's global order) (``EpochSampler``), so
+            DDP ranks and workers draw independently and W processes with batch b train like one
+            process with batch W x b.
         pin_memory: Pin host batches (only when CUDA is available).
         predict_source: ``"noise"`` (generate; items carry no image) or a split name
             ``"train"`` / ``"val"`` / ``"test"`` (items carry images, classes interleaved).
@@ -541,7 +719,8 @@ class CellDataModule(L.LightningDataModule):
             under every label. Inpainting: every image completed as each of these classes.
         class_balanced: Draw training images with probability inversely proportional to their
             class's size, so every class is seen equally often (the full PBC data has 1.2k to
-            3.3k images per class). An epoch keeps the train split's length.
+            3.3k images per class). An epoch keeps the train split's length; the draws are
+            global (the same on every rank), and each rank takes its slice of every batch.
     """
 
     def __init__(
@@ -582,6 +761,17 @@ class CellDataModule(L.LightningDataModule):
                 f"image_size={image_size}, batch_size={batch_size}, num_workers="
                 f"{num_workers}: expected image_size, batch_size ≥ 1, num_workers ≥ 0"
             )
+        if image_size > MAX_IMAGE_SIZE:
+            raise DataError(
+                f"image_size={image_size} is too large: expected at most {MAX_IMAGE_SIZE} (the cache holds "
+                f"{3 * image_size**2 / 2**20:,.0f} MiB per image; the PBC images are 360 x 363 px)"
+            )
+        if predict_batch_size is not None and predict_batch_size < 1:
+            raise DataError(f"predict_batch_size={predict_batch_size}: expected ≥ 1 (or null: batch_size)")
+        if num_predict_samples == 0 or num_predict_samples < -1:
+            raise DataError(
+                f"num_predict_samples={num_predict_samples}: expected ≥ 1, or -1 for the whole split of predict_source"
+            )
         if predict_source not in PREDICT_SOURCES:
             raise DataError(
                 f"predict_source {predict_source!r} is unknown; expected one of {', '.join(PREDICT_SOURCES)}"
@@ -595,7 +785,9 @@ class CellDataModule(L.LightningDataModule):
         self.num_predict_samples, self.predict_seed = num_predict_samples, predict_seed
         self.predict_batch_size = predict_batch_size or batch_size
         self._scan: Scan | None = None
-        self._built_here = self._scanned_in_prepare = False
+        self._scanned_in_prepare = False
+        self._prepared: CachedData | None = None  # what prepare_data found or built, in this process
+        self._train_seed: int | None = None  # seed of the training order and draws; kept in checkpoints
         self.cached: CachedData | None = None
         self._split: Split | None = None
         self.datasets: dict[str, CellImageDataset] = {}
@@ -641,21 +833,54 @@ class CellDataModule(L.LightningDataModule):
         save_split(self._split, path)
 
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node, so under DDP only one process decodes.
+        # Lightning runs this on one process per node, so under DDP only one process decodes (and
+        # re-hashes the files to check the cache: a file rewritten with the same size and mtime).
         scan = self._get_scan(fresh=True)
         self._scanned_in_prepare = True  # setup in this process reuses the scan
-        if not all(p.exists() for p in cache_paths(scan, self.image_size, self.cache_dir)):
-            build_cache(scan, self.image_size, self.cache_dir)
-            self._built_here = True  # its warning was just shown; setup need not repeat it
+        if getattr(self.trainer, "predicting", False) and not self._predict_needs_cache():
+            return
+        cached = None
+        if all(p.exists() for p in cache_paths(scan, self.image_size, self.cache_dir)):
+            cached = load_cache(scan, self.image_size, self.cache_dir)
+        if cached is None:
+            cached = build_cache(scan, self.image_size, self.cache_dir)
+            self._log_cache(cached, reused=False)
+        else:
+            self._log_cache(cached, reused=True)
+        self._prepared = cached  # checked (and its warning shown): setup in this process takes it as is
+
+    def _log_cache(self, cached: CachedData, reused: bool) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        if reused:
+            how = (
+                "zip member sizes, CRCs and dates"
+                if cached.source_is_zip
+                else f"file names, sizes and mtimes; {cached.verified:,} of {cached.num_files:,} files re-hashed"
+            )
+            rank_zero_info(
+                f"celldiff: reusing the image cache {cached.path} ({len(cached.relpaths):,} images; key {cached.key}"
+                f" matched by {how})"
+            )
+        else:
+            rank_zero_info(f"celldiff: decoded {len(cached.relpaths):,} images into the cache {cached.path}")
+
+    def _predict_needs_cache(self) -> bool:
+        return self.predict_images is None and self.predict_source != "noise"
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and (self.predict_images is not None or self.predict_source == "noise"):
+        if stage == "predict" and not self._predict_needs_cache():
             return  # generating, or inpainting the user's files: the dataset is not needed
+        if self.cached is None and self._prepared is not None:
+            self.cached = self._prepared
         if self.cached is None:
             scan = self._get_scan(fresh=not self._scanned_in_prepare)
-            self.cached = load_cache(scan, self.image_size, self.cache_dir, warn=not self._built_here)
-            if self.cached is None:  # prepare_data was skipped, or the cache was deleted
+            self.cached = load_cache(scan, self.image_size, self.cache_dir)
+            if self.cached is None:  # prepare_data was skipped, the cache was deleted, or a file changed
                 self.cached = build_cache(scan, self.image_size, self.cache_dir)
+                self._log_cache(self.cached, reused=False)
+            else:
+                self._log_cache(self.cached, reused=True)
         data = self.cached
         where = f"split file {self.split_file}" if self.split_file else "the split"
         if self._split is None:
@@ -679,13 +904,12 @@ class CellDataModule(L.LightningDataModule):
         self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: torch.utils.data.Sampler | None = None
     ) -> DataLoader:
         workers = self.num_workers
-        training = shuffle or sampler is not None
         return DataLoader(
             _Batched(dataset) if isinstance(dataset, CellImageDataset) else dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            drop_last=training and len(dataset) >= batch_size,  # keep tiny train sets usable
+            drop_last=False,  # the training sampler yields whole batches (or one partial batch of a tiny set)
             num_workers=workers,
             collate_fn=collate_batch,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -705,17 +929,45 @@ class CellDataModule(L.LightningDataModule):
         return resolve_classes(self.predict_classes, self.class_names)
 
     def train_dataloader(self) -> DataLoader:
+        """The training batches: ``EpochSampler`` order, flips/rotations and masks drawn per item.
+
+        The order and every draw are a pure function of (seed, epoch, global position): the seed is
+        ``seed_everything``'s (``PL_GLOBAL_SEED``, the seed Lightning's own DistributedSampler uses),
+        kept in checkpoints so a resumed run continues the same sequence. Under DDP each rank takes
+        its slice of every global batch, so W processes with batch b train like 1 with batch W x b.
+
+        Raises:
+            DataError: the train split is empty, or under DDP holds fewer than one batch per process.
+        """
         dataset = self._dataset("train")
-        if len(dataset) == 0:
+        n, b = len(dataset), self.batch_size
+        if n == 0:
             raise DataError(f"the train split of {self.data_dir} is empty")
-        if not self.class_balanced:
-            return self._loader(dataset, self.batch_size, shuffle=True)
-        labels = dataset.labels[dataset.indices]
-        counts = np.bincount(labels, minlength=self.num_classes)
-        weights = torch.from_numpy(1.0 / counts[labels])
-        # Lightning wraps this sampler for DDP, so every rank draws its share of the epoch.
-        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True)
-        return self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if world > 1 and n < world * b:
+            raise DataError(
+                f"the train split of {self.data_dir} holds {n} images, fewer than one batch of {b} per process on "
+                f"{world} processes (a DDP step needs {world * b}); set --data.batch_size to at most {max(1, n // world)}"
+                f" or --trainer.devices to at most {max(1, n // b)}"
+            )
+        if self._train_seed is None:
+            self._train_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        weights = None
+        if self.class_balanced:
+            labels = dataset.labels[dataset.indices]
+            weights = 1.0 / np.bincount(labels, minlength=self.num_classes)[labels]
+        # A tiny train set (one process, fewer images than a batch) trains on one partial batch.
+        sampler = EpochSampler(n, b, self._train_seed, world, rank, weights=weights, drop_last=n >= world * b)
+        return self._loader(dataset, b, shuffle=False, sampler=sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the seed of the training order and draws (resume continues the sequence)."""
+        return {} if self._train_seed is None else {"train_seed": self._train_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_seed" in state_dict:
+            self._train_seed = int(state_dict["train_seed"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), self.batch_size, shuffle=False)

@@ -107,7 +107,12 @@ class UserImageDataset(Dataset):
         self.image_size, self.predict_seed = image_size, predict_seed
         for name, folder in (("predict_images", self.images_dir), ("predict_masks", self.masks_dir)):
             if not folder.is_dir():
-                raise DataError(f"data.{name} {folder} is not a folder; expected a folder of image files")
+                what = (
+                    "is a file, not a folder"
+                    if folder.exists()
+                    else f"does not exist (resolved to {folder.absolute()})"
+                )
+                raise DataError(f"data.{name} {folder} {what}; expected a folder of image files")
         masks = {p.stem: p for p in sorted(self.masks_dir.iterdir()) if p.suffix.lower() in MASK_SUFFIXES}
         self.items: list[UserItem] = []
         self.problems: list[str] = []

@@ -1,6 +1,8 @@
 """Run by tests/test_ddp.py: train the same global batches on 1 process or on 2 (gloo) and save the result.
 
-    python tests/ddp_equivalence.py OUT.pt WORLD
+    python tests/ddp_equivalence.py OUT.pt WORLD            # the model: same global batches in, same weights out
+    python tests/ddp_equivalence.py OUT.pt WORLD DATA_DIR   # the data: CellDataModule with masks and
+        augmentation; every rank saves the batches it trained on to OUT.pt.rank<R>
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import sys
 import lightning as L
 import torch
 
+from celldiff.data import CellDataModule, tensor_to_uint8
 from celldiff.module import DiffusionModule
 
 GLOBAL_BATCH, STEPS, SIZE = 8, 6, 16
@@ -56,5 +59,54 @@ def main(out: str, world: int) -> None:
         torch.save({"losses": recorder.losses, "ema": module.ema_unet.state_dict(), "steps": trainer.global_step}, out)
 
 
+class BalancedInLastEpoch(CellDataModule):
+    """Epochs 0-1 shuffle the train split, epoch 2 draws it class-balanced (the loader is rebuilt every epoch)."""
+
+    def train_dataloader(self):
+        self.class_balanced = self.trainer.current_epoch == DATA_EPOCHS - 1
+        return super().train_dataloader()
+
+
+class BatchRecorder(L.LightningModule):
+    """Records the (index, label, image, mask) batches this rank trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append({"epoch": torch.tensor(self.current_epoch), "index": batch["index"].clone(),
+                          "label": batch["label"].clone(), "image": tensor_to_uint8(batch["image"]),
+                          "mask": batch["mask"].to(torch.uint8)})  # fmt: skip
+        return (self.weight * batch["image"].mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+DATA_EPOCHS = 3
+
+
+def main_data(out: str, world: int, data_dir: str) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    datamodule = BalancedInLastEpoch(
+        data_dir, image_size=16, batch_size=GLOBAL_BATCH // world, masks="box,brush,nucleus", augment=True,
+        num_workers=2 if world > 1 else 0,  # workers must not change the draws either
+    )  # fmt: skip
+    recorder = BatchRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_epochs=DATA_EPOCHS,
+        reload_dataloaders_every_n_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # Lightning's default use_distributed_sampler=True: it must keep celldiff's sampler  # fmt: skip
+    trainer.fit(recorder, datamodule=datamodule)
+    torch.save(recorder.seen, f"{out}.rank{trainer.global_rank}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    if len(sys.argv) > 3:
+        main_data(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    else:
+        main(sys.argv[1], int(sys.argv[2]))
