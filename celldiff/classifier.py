@@ -189,9 +189,93 @@ class CellClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> CellClassifier:
-    """Load a trained ``CellClassifier`` checkpoint, frozen: eval mode, ``requires_grad`` False."""
-    model = CellClassifier.load_from_checkpoint(str(path), map_location=map_location)
+DIFFUSION_CLASS_PATH = "celldiff.module.DiffusionModule"
+CLASSIFIER_CLASS_PATH = "celldiff.classifier.CellClassifier"
+_KIND_WORDS = {DIFFUSION_CLASS_PATH: "a diffusion model", CLASSIFIER_CLASS_PATH: "a cell classifier"}
+
+
+class CheckpointKindError(ValueError):
+    """A checkpoint that cannot be read, or of another kind than where it was given (one line from the CLI)."""
+
+
+def read_checkpoint(path: str | Path, option: str = "--ckpt_path") -> dict[str, Any]:
+    """A Lightning checkpoint loaded with ``weights_only=True``: tensors and plain containers, never code.
+
+    Raises ``CheckpointKindError`` naming ``option`` and the file when it is missing, a directory,
+    unreadable, truncated or corrupt, or not a Lightning checkpoint.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise CheckpointKindError(f"{option} {path}: no such checkpoint file")
+    if not file.is_file():
+        raise CheckpointKindError(f"{option} {path} is a directory; expected a checkpoint file (.ckpt)")
+    try:
+        try:
+            ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # an old (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise CheckpointKindError(f"{option} {path}: no permission to read it") from None
+    except Exception as err:
+        raise CheckpointKindError(
+            f"{option} {path}: not a readable checkpoint ({err.__class__.__name__}: truncated, corrupt, or not saved by "
+            "celldiff / Lightning)"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointKindError(f"{option} {path}: not a Lightning checkpoint (it holds no state_dict)")
+    return ckpt
+
+
+def checkpoint_class_path(ckpt: dict[str, Any]) -> str | None:
+    """The LightningModule class a checkpoint was saved from: its ``_class_path`` hyperparameter, else
+    recognised by its parameter names (``unet.`` for a diffusion model, ``head.`` for a classifier)."""
+    class_path = (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    if class_path:
+        return str(class_path)
+    keys = ckpt.get("state_dict", {}).keys()
+    if any(k.startswith("unet.") for k in keys):
+        return DIFFUSION_CLASS_PATH
+    if any(k.startswith("head.") for k in keys) and any(k.startswith("stem.") for k in keys):
+        return CLASSIFIER_CLASS_PATH
+    return None
+
+
+def describe_kind(class_path: str | None) -> str:
+    """'a diffusion model', 'a cell classifier', or the class path of anything else."""
+    if class_path is None:
+        return "an unrecognised"
+    return _KIND_WORDS.get(class_path, f"a {class_path}")
+
+
+def load_classifier(
+    path: str | Path, map_location: str | torch.device = "cpu", option: str = "--classifier_ckpt"
+) -> CellClassifier:
+    """Load a trained ``CellClassifier`` checkpoint, frozen: eval mode, ``requires_grad`` False.
+
+    Read with ``weights_only=True`` (no code is unpickled); a file that is not a cell classifier
+    checkpoint (e.g. a diffusion model's) raises ``CheckpointKindError`` with one line naming it.
+    """
+    ckpt = read_checkpoint(path, option)
+    class_path = checkpoint_class_path(ckpt)
+    if class_path != CLASSIFIER_CLASS_PATH:
+        hint = " (--ckpt_path and --classifier_ckpt swapped?)" if class_path == DIFFUSION_CLASS_PATH else ""
+        raise CheckpointKindError(
+            f"{option} {path} is {describe_kind(class_path)} checkpoint; expected a cell classifier "
+            f"({CLASSIFIER_CLASS_PATH}, trained with celldiff fit --config configs/classifier.yaml){hint}"
+        )
+    import inspect
+
+    accepted = set(inspect.signature(CellClassifier.__init__).parameters) - {"self"}
+    hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in accepted}
+    try:
+        model = CellClassifier(**hparams)
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise CheckpointKindError(f"{option} {path}: its weights do not fit a cell classifier ({first})") from None
+    model.to(map_location)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -8,7 +8,7 @@ here downloads anything.
 
 Fréchet distances are biased upwards at small sample sizes (Chong & Forsyth 2020, "Effectively
 Unbiased FID and Inception Score and where to find them"): compare figures only at equal n, and
-against ``frechet_distance_floor`` (real vs real at the same n).
+against ``frechet_distance_floor`` (n real cells against the other real cells: the score's set sizes).
 """
 
 from __future__ import annotations
@@ -96,29 +96,100 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
     return frechet_distance_gaussians(*_gaussian(a), *_gaussian(b))
 
 
-def frechet_distance_floor(
-    real_feats: Tensor | np.ndarray, n: int | None = None, generator: torch.Generator | None = None
-) -> tuple[float, int]:
-    """Real-vs-real floor: Fréchet distance between two disjoint random subsets of the real features.
+FLOOR_DRAWS = 8  # random draws the real-vs-real floor averages over
 
-    A model's distance at ``n`` samples is only meaningful next to this floor at the same ``n``
-    (finite-sample bias, Chong & Forsyth 2020).
+
+def frechet_floor_details(
+    real_feats: Tensor | np.ndarray,
+    n: int | None = None,
+    generator: torch.Generator | None = None,
+    draws: int = FLOOR_DRAWS,
+    reference_n: int | None = None,
+) -> dict[str, Any]:
+    """The real-vs-real floor of a score "n generated vs all N real", measured at the score's set sizes.
+
+    The Fréchet distance's finite-sample bias depends on both set sizes (about tr Σ (1/n + 1/N) from
+    the means alone; Chong & Forsyth 2020), so a floor of n real against n real (bias ≈ 2/n) is far
+    above what a perfect generator scores against all N (≈ 1/n + 1/N). Here ``n`` random real
+    features stand in for a perfect generator's samples and are compared with the real features
+    left over: a reference of N - n, not N. Its extra bias is removed the way Chong & Forsyth
+    extrapolate FID: the bias is linear in 1 / (reference size), so the same n are also compared
+    with half of the rest, and the line through the two points is read at the score's reference
+    size N. The result is averaged over ``draws`` random draws (same expectation, less noise).
+
+    A score against a smaller real set (inpainting: m completions against the N - m test cells that
+    were not inpainted) gives its size as ``reference_n``; with n + reference_n = N the draws have
+    exactly the score's sizes and need no extrapolation.
 
     Args:
         real_feats: Real features (N, D).
-        n: Size of each subset; ``None`` or more than N // 2 gives N // 2.
-        generator: Seeded generator of the random split (reproducible floors).
+        n: Size of the stand-in sample (the score's n); ``None`` or more than N // 2 gives N // 2, so
+            the rest is never smaller than the sample.
+        generator: Seeded generator of the draws (reproducible floors).
+        draws: Number of random draws averaged.
+        reference_n: Size of the real set the score compares with (default: all N); at most N - 2.
 
     Returns:
-        (distance, n actually used).
+        ``floor`` (extrapolated to a reference of ``reference_n``), ``floor_rest`` (n vs the N - n
+        rest, no extrapolation: slightly higher when the score's reference is all N), ``n`` (actually
+        used), ``reference_n``, ``rest_n`` (N - n), ``draws`` and ``method`` (a sentence for the report).
     """
     real = _as_float64(real_feats)
-    half = real.shape[0] // 2
-    n = half if n is None else min(n, half)
-    if n < 2:
-        raise ValueError(f"need at least 4 real feature vectors for a floor, got {real.shape[0]}")
-    order = torch.randperm(real.shape[0], generator=generator)
-    return frechet_distance(real[order[:n]], real[order[n : 2 * n]]), n
+    total = real.shape[0]
+    target = total if reference_n is None else int(reference_n)
+    limit = max(total // 2, total - target)  # the rest is never smaller than the sample, nor than the score's
+    n = limit if n is None else min(n, limit)
+    if n < 2 or total - n < 2:
+        raise ValueError(f"need at least 4 real feature vectors for a floor, got {total}")
+    rest, part = total - n, (total - n) // 2
+    extrapolate = rest != target and 2 <= part < rest
+    plain, extrapolated = [], []
+    for _ in range(max(1, draws)):
+        order = torch.randperm(total, generator=generator)
+        sample, others = real[order[:n]], real[order[n:]]
+        d_rest = frechet_distance(sample, others)
+        plain.append(d_rest)
+        if extrapolate:
+            d_part = frechet_distance(sample, others[:part])
+            slope = (d_part - d_rest) / (1 / part - 1 / rest)  # d(b) ≈ d_∞ + slope / b
+            extrapolated.append(d_rest + slope * (1 / target - 1 / rest))
+        else:
+            extrapolated.append(d_rest)
+    floor = max(float(np.mean(extrapolated)), 0.0)
+    method = (
+        f"{n} real cells drawn at random against the other {rest} real cells, and against {part} of them, "
+        f"extrapolated linearly in 1/(reference size) to the score's {target}; mean of {max(1, draws)} draws"
+        if extrapolate
+        else f"{n} real cells drawn at random against the other {rest} real cells; mean of {max(1, draws)} draws"
+    )
+    return {
+        "floor": floor,
+        "floor_rest": float(np.mean(plain)),
+        "n": n,
+        "reference_n": target,
+        "rest_n": rest,
+        "draws": max(1, draws),
+        "method": method,
+    }
+
+
+def frechet_distance_floor(
+    real_feats: Tensor | np.ndarray,
+    n: int | None = None,
+    generator: torch.Generator | None = None,
+    draws: int = FLOOR_DRAWS,
+) -> tuple[float, int]:
+    """Real-vs-real floor of a score "n generated vs all N real features", at those set sizes.
+
+    ``n`` random real features against the rest (see ``frechet_floor_details``, which also returns
+    the set sizes and the method); compare a model's distance only with the floor at the same n
+    and the same real set.
+
+    Returns:
+        (distance, n actually used: at most N // 2).
+    """
+    details = frechet_floor_details(real_feats, n, generator, draws)
+    return details["floor"], details["n"]
 
 
 def kernel_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
@@ -548,15 +619,49 @@ def _jsonable(value: Any) -> Any:
 
 
 # Scalars of the top-level dict, with the sample count each Fréchet figure was measured at.
+# (``frechet_distance_n``, when given, is the generated side of each comparison: per mask family for inpainting.)
 _FIDELITY_KEYS = (
-    ("frechet_distance", "num_samples"),
+    ("frechet_distance", "frechet_distance_n"),
     ("frechet_distance_floor", "frechet_distance_floor_n"),
-    ("precision", "num_samples"),
-    ("recall", "num_samples"),
-    ("kernel_distance", "num_samples"),
+    ("precision", "frechet_distance_n"),
+    ("recall", "frechet_distance_n"),
+    ("kernel_distance", "frechet_distance_n"),
     ("kernel_distance_floor", "kernel_distance_floor_n"),
     ("classifier_accuracy_real_test", "num_real"),
 )
+# Described in the text under the fidelity table rather than listed under "Other".
+_FLOOR_TEXT_KEYS = (
+    "frechet_distance_reference_n",
+    "frechet_distance_comparison",
+    "frechet_distance_floor_reference_n",
+    "frechet_distance_floor_rest",
+    "frechet_distance_floor_draws",
+    "frechet_distance_floor_method",
+    "kernel_distance_floor_reference_n",
+    "inpainting_comparisons",
+)
+
+
+def _floor_text(metrics: dict[str, Any]) -> str:
+    """How the score and its floor were measured: the two set sizes of each (for metrics.md)."""
+    n, num_real = metrics.get("num_samples"), metrics.get("num_real", "?")
+    comparison = metrics.get("frechet_distance_comparison") or f"{n} generated vs {num_real} real images"
+    floor_n = metrics.get("frechet_distance_floor_n", "?")
+    method = metrics.get("frechet_distance_floor_method") or f"{floor_n} real images vs other real images"
+    text = f"Fréchet distance: {comparison}. Floor (a perfect generator's expected score at these sizes): {method}."
+    if metrics.get("frechet_distance_floor_rest", metrics.get("frechet_distance_floor")) != metrics.get("frechet_distance_floor"):
+        text += (f" Against the {metrics.get('num_real', 0) - floor_n if isinstance(floor_n, int) else '?'} other real "
+                 f"cells alone, without the extrapolation, it is {_format(metrics['frechet_distance_floor_rest'])}.")  # fmt: skip
+    compared = metrics.get("frechet_distance_n", n)
+    if isinstance(compared, int) and isinstance(floor_n, int) and floor_n < compared:
+        text += (f" The floor can use at most half of the real cells ({floor_n}), fewer than the score's {compared}: "
+                 "it is higher than a perfect generator would score.")  # fmt: skip
+    if "kernel_distance_floor_reference_n" in metrics:
+        text += (f" Kernel distance floor: {metrics.get('kernel_distance_floor_n')} real cells vs the other "
+                 f"{metrics['kernel_distance_floor_reference_n']} (unbiased at any sizes: 0 in expectation).")  # fmt: skip
+    if metrics.get("inpainting_comparisons"):
+        text += f"\n\n{metrics['inpainting_comparisons']}"
+    return text
 
 
 def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -582,16 +687,12 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
     sections = ["# celldiff evaluation\n"]
     space = metrics.get("feature_space", "cell classifier features")
     rows = [
-        {"metric": key, "value": metrics[key], "n": metrics.get(n_key)}
+        {"metric": key, "value": metrics[key], "n": metrics.get(n_key, metrics.get("num_samples"))}
         for key, n_key in _FIDELITY_KEYS
         if key in metrics
     ]
     sections.append(f"## Fidelity ({space})\n\n" + markdown_table(rows, ["metric", "value", "n"]))
-    sections.append(
-        f"Fréchet distance: {metrics.get('num_samples')} generated vs {metrics.get('num_real', '?')} real images; "
-        f"floor: two disjoint sets of {metrics.get('frechet_distance_floor_n', '?')} real images.\n"
-        f"{SMALL_N_NOTE}\n"
-    )
+    sections.append(f"{_floor_text(metrics)}\n\n{SMALL_N_NOTE}\n")
 
     inception = metrics.get("inception")
     if inception:
@@ -610,20 +711,28 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
     if per_class:
         sections.append(
             "## Fréchet distance per class\n\n"
-            + markdown_table(per_class, ["class", "frechet_distance", "floor", "n_generated", "floor_n", "n_real"])
+            + markdown_table(
+                per_class, ["class", "frechet_distance", "floor", "n_generated", "compared_n", "reference_n", "n_real"]
+            )
             + "\nGenerated cells are counted under the class they were asked for (class-conditional), the class of the "
-            "real cell they complete (inpainting), or else the class the classifier gives them. "
+            "real cell they complete (inpainting), or else the class the classifier gives them. Each distance compares "
+            "compared_n generated cells of the class (inpainting: per mask family, then averaged) with reference_n real "
+            "test cells of the class (inpainting: those not inpainted); its floor, compared_n real cells of the class "
+            "against the others at the same sizes. "
             f"{SMALL_N_NOTE}\n"
         )
     inpainting = metrics.get("inpainting")
     if inpainting:
         columns = ["family", "n", "mse", "psnr", "ssim", "seam"] + (["lpips"] if "lpips" in inpainting[0] else [])
+        columns += [c for c in ("frechet_distance", "floor", "precision", "recall") if c in inpainting[0]]
         sections.append(
             "## Masked-region metrics per mask family\n\n"
             + markdown_table(inpainting, columns)
             + "\nOver the missing pixels only, intensities in [0, 1]: MSE, PSNR (dB) and SSIM (mean of the SSIM map inside "
             "the mask); seam: mean |gradient| mismatch with the real image on the mask boundary (0 = as in the real cell). "
             + (f"{metrics['lpips_skipped']}\n" if metrics.get("lpips_skipped") else "LPIPS (AlexNet) on the whole image.\n")
+            + ("Fréchet distance, precision and recall: the family's completions against the test cells that were not "
+               "inpainted, next to the real-vs-real floor at the same sizes.\n" if "frechet_distance" in inpainting[0] else "")
         )
 
     report = metrics.get("classifier")
@@ -669,7 +778,7 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
             )
         )
 
-    known = {k for pair in _FIDELITY_KEYS for k in pair} | {
+    known = {k for pair in _FIDELITY_KEYS for k in pair} | set(_FLOOR_TEXT_KEYS) | {
         "num_real",
         "feature_space",
         "inception",

@@ -81,6 +81,38 @@ def test_frechet_floor_uses_disjoint_halves_reproducibly():
     assert n_capped == 50
 
 
+def test_frechet_floor_matches_a_perfect_generator_at_the_scores_set_sizes():
+    """The score is n generated vs all N real: a perfect generator (samples of the real distribution)
+    must land on the floor on average. The old floor (n real vs n other real) was far above it."""
+    gen = torch.Generator().manual_seed(7)
+    mixing = torch.randn(16, 16, generator=gen) / 4
+    real_n = 1000
+    for n in (64, 256):
+        scores, floors, old = [], [], []
+        for _ in range(10):
+            real = torch.randn(real_n, 16, generator=gen) @ mixing
+            perfect = torch.randn(n, 16, generator=gen) @ mixing
+            scores.append(frechet_distance(real, perfect))
+            floors.append(frechet_distance_floor(real, n=n, generator=gen)[0])
+            order = torch.randperm(real_n, generator=gen)
+            old.append(frechet_distance(real[order[:n]], real[order[n : 2 * n]]))
+        assert 0.8 <= np.mean(floors) / np.mean(scores) <= 1.25, (n, np.mean(floors), np.mean(scores))
+        assert np.mean(old) / np.mean(scores) > 1.4  # what the n-vs-n floor reported
+
+
+def test_frechet_floor_details_name_the_set_sizes():
+    from celldiff.evaluation import frechet_floor_details
+
+    feats = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    details = frechet_floor_details(feats, n=50, generator=torch.Generator().manual_seed(0), draws=4)
+    assert (details["n"], details["reference_n"], details["rest_n"], details["draws"]) == (50, 300, 250, 4)
+    assert "50 real cells drawn at random against the other 250" in details["method"] and "to the score's 300" in details["method"]
+    assert details["floor"] < details["floor_rest"]  # the reference of 250, extrapolated to 300: less bias
+    # A score against the N - n cells left over (inpainting): exactly its sizes, no extrapolation.
+    paired = frechet_floor_details(feats, n=50, generator=torch.Generator().manual_seed(0), draws=4, reference_n=250)
+    assert paired["reference_n"] == 250 and paired["floor"] == paired["floor_rest"] and "extrapolated" not in paired["method"]
+
+
 # ----------------------------------------------------------------------------------- precision / recall
 
 
