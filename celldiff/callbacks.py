@@ -7,16 +7,25 @@ gathered with a collective that every rank calls; only file writes and logger ca
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
+import shutil
+import signal
+import sys
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
@@ -58,7 +67,7 @@ def labelled_rows(rows: list[tuple[str, np.ndarray]], margin: int = 90) -> np.nd
 
 def _load_pngs(paths: list[Path]) -> Tensor:
     """Read image files into a (N, 3, H, W) uint8 tensor."""
-    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -124,7 +133,7 @@ class SampleGrid(L.Callback):
         every_n_epochs: Sample at the end of every N-th training epoch (0 disables).
         num_samples: Images in the grid.
         seed: Seed of the grid's noise: the same seed every time, so grids show training progress.
-        sampler: ``ddpm`` or ``ddim``; default: the model's sampler.
+        sampler: ``ddpm``, ``ddim`` or ``dpmsolver``; default: the model's sampler.
         steps: Reverse steps; default: the model's.
     """
 
@@ -165,7 +174,7 @@ class InpaintingPanels(L.Callback):
         every_n_epochs: Run at the end of every N-th training epoch (0 disables).
         num_images: Validation images to inpaint.
         seed: Seed of the sampling noise.
-        sampler: ``ddpm`` or ``ddim``; default: the model's.
+        sampler: ``ddpm``, ``ddim`` or ``dpmsolver``; default: the model's.
         steps: Reverse steps; default: the model's.
     """
 
@@ -226,6 +235,11 @@ class PredictionWriter(BasePredictionWriter):
     ``<stem>_fullres[_j].png`` at the input's resolution with every known pixel equal to the input.
     grid.png stacks the first panels.
 
+    If predict fails, the files this run wrote (and the config.yaml saved beside them) are removed
+    again, so the same command can be retried with the same ``--output_dir``; files that were there
+    before are never touched. Stopped by SIGTERM or Ctrl-C, it stops after the current batch and keeps
+    the complete files written so far (``STOP.message`` says how many, for the final line).
+
     Args:
         output_dir: Directory for the PNG files.
         nrow: Images per row of grid.png; default about sqrt(N).
@@ -237,6 +251,39 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.nrow = nrow
         self.max_grid_panels = max_grid_panels
+        self._dir_existed = self.output_dir.is_dir()
+        self._before = set(os.listdir(self.output_dir)) if self._dir_existed else set()
+        self.written: list[Path] = []
+
+    def _save(self, array: np.ndarray, path: Path) -> None:
+        save_png(array, path)
+        self.written.append(path)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_predict_batch_end(trainer, pl_module, *args, **kwargs)
+        if trainer.received_sigterm:  # Lightning's predict loop never checks: stop after this batch's files
+            raise SIGTERMException
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        images = len({p for p in self.written if p.suffix == ".png"})
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            STOP.message = (
+                f"predict wrote {images} complete image file(s) to {self.output_dir} before stopping (no grid.png);"
+                f" to rerun, choose a new --output_dir or delete {self.output_dir}"
+            )
+            return
+        # A failure: remove what this run created, so the retry finds the directory as it was.
+        for path in set(self.written):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if self.output_dir.is_dir():
+            for path in self.output_dir.glob("config*.yaml"):
+                if path.name not in self._before:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            if not self._dir_existed:
+                with contextlib.suppress(OSError):
+                    self.output_dir.rmdir()  # only if empty
 
     @staticmethod
     def _class_name(pl_module: L.LightningModule, label: int | None) -> str | None:
@@ -266,7 +313,7 @@ class PredictionWriter(BasePredictionWriter):
         labels = prediction.get("label")
         for k, index in enumerate(prediction["index"].tolist()):
             label = int(labels[k]) if labels is not None else None
-            save_png(images[k], self.output_dir / self.file_name(pl_module, index, label))
+            self._save(images[k], self.output_dir / self.file_name(pl_module, index, label))
 
     def _write_inpainting(self, pl_module: L.LightningModule, prediction: dict[str, Any]) -> None:
         from celldiff.user_images import paste_full_resolution
@@ -293,15 +340,16 @@ class PredictionWriter(BasePredictionWriter):
                     position = int((sample_labels[:j] == sample_labels[j]).sum())
                     suffix = f"_as_{as_class}" + (f"_{position}" if repeats > 1 else "")
                 out = samples[i, j].permute(1, 2, 0).numpy()
-                save_png(out, self.output_dir / f"{stem}_inpainted{suffix}.png")
+                self._save(out, self.output_dir / f"{stem}_inpainted{suffix}.png")
                 if paths is not None:
                     full = paste_full_resolution(paths[i], prediction["mask_path"][i], out)
-                    save_png(full, self.output_dir / f"{stem}_fullres{suffix}.png")
+                    self._save(full, self.output_dir / f"{stem}_fullres{suffix}.png")
             panel = torch.cat([masked_input[i : i + 1], samples[i], originals[i : i + 1]])
-            save_png(image_grid(panel, nrow=len(panel)), self.output_dir / f"{stem}_panel.png")
+            self._save(image_grid(panel, nrow=len(panel)), self.output_dir / f"{stem}_panel.png")
             if sample_labels is not None:
                 names = ["masked"] + [self._class_name(pl_module, int(c)) or str(int(c)) for c in sample_labels] + ["original"]
                 (self.output_dir / f"{stem}_panel.txt").write_text(" | ".join(names) + "\n")
+                self.written.append(self.output_dir / f"{stem}_panel.txt")
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier()  # every rank has written its files
@@ -312,7 +360,7 @@ class PredictionWriter(BasePredictionWriter):
             rows = [np.asarray(Image.open(p).convert("RGB")) for p in panels]
             width = max(r.shape[1] for r in rows)
             rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-            save_png(np.concatenate(rows), self.output_dir / "grid.png")
+            self._save(np.concatenate(rows), self.output_dir / "grid.png")
             print(f"celldiff: wrote inpainting results and {len(panels)} panels in grid.png to {self.output_dir}")
             return
         files = sorted(
@@ -331,11 +379,11 @@ class PredictionWriter(BasePredictionWriter):
                 group = [p for p, prefix in zip(files, prefixes, strict=True) if prefix == name]
                 images = _load_pngs(group)
                 rows.append((name, image_grid(images, nrow=len(group))))
-            save_png(labelled_rows(rows), self.output_dir / "grid.png")
+            self._save(labelled_rows(rows), self.output_dir / "grid.png")
             print(f"celldiff: wrote {len(files)} images and grid.png (one row per class) to {self.output_dir}")
             return
         images = _load_pngs(files)
-        save_png(image_grid(images, self.nrow), self.output_dir / "grid.png")
+        self._save(image_grid(images, self.nrow), self.output_dir / "grid.png")
         print(f"celldiff: wrote {len(files)} images and grid.png to {self.output_dir}")
 
 
@@ -376,38 +424,246 @@ class Throughput(L.Callback):
             self._seconds, self._images, self._steps = 0.0, 0, 0
 
 
-class SaveOnSigterm(L.Callback):
-    """``last.ckpt`` always holds the last step: on SIGTERM (pre-emption, ``scancel``, ``kill``) and at the end.
+class _StopRecord:
+    """What stopped a command (SIGTERM or Ctrl-C) and what it left, for ``celldiff.cli.main``'s last line."""
 
-    On SIGTERM, Lightning finishes the current optimizer step and raises ``SIGTERMException`` on
-    every rank; this callback writes the checkpoint from that exact state (all ranks take part,
-    rank 0 writes), so a run killed between periodic checkpoints loses nothing; ``celldiff`` then
-    exits with status 143 and says how to resume. At the end of training it also saves when the
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.signal: str | None = None  # "SIGTERM" or "SIGINT" (Ctrl-C)
+        self.hard = False  # a KeyboardInterrupt went through (a second Ctrl-C, or one outside a loop)
+        self.saved_step: int | None = None  # fit: the step last.ckpt holds after the stop
+        self.message: str | None = None  # predict: what was written
+        self.graceful = False  # a Lightning loop is running that stops at the next step/batch on its own
+        self.command: str | None = None  # the celldiff subcommand
+        self.run_dir: str | None = None  # its run directory (fit) or output directory (predict, evaluate)
+
+
+STOP = _StopRecord()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C stops like SIGTERM: at the end of the current step (fit) or batch (validate, test, predict).
+
+    Lightning turns SIGTERM into a flag that its loops check after each step; a Ctrl-C (SIGINT) would
+    instead raise ``KeyboardInterrupt`` wherever the process is, so Lightning can save nothing
+    consistent. While a loop runs, this callback makes the first Ctrl-C set the same flag (then
+    ``SaveOnSigterm`` writes ``last.ckpt`` at that step and ``celldiff`` exits 130 with the resume
+    command); a second Ctrl-C stops at once. Lightning restores the previous SIGINT handler when the
+    loop ends. It also records in ``STOP`` what stopped the run, for the CLI's last line.
+    """
+
+    def _install(self, trainer: L.Trainer) -> None:
+        STOP.graceful = True
+        if not _main_thread() or trainer.received_sigterm:
+            return
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            STOP.signal = "SIGINT"
+            trainer._signal_connector.received_sigterm = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+            if trainer.is_global_zero:
+                what = "step" if trainer.training else "batch"
+                print(f"\ncelldiff: Ctrl-C: stopping after the current {what} (Ctrl-C again stops at once)", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        STOP.graceful = False
+        if isinstance(exception, KeyboardInterrupt):
+            STOP.signal, STOP.hard = "SIGINT", True
+        elif isinstance(exception, SIGTERMException) and STOP.signal is None:
+            STOP.signal = "SIGTERM"
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        STOP.graceful = False
+
+
+class SaveOnSigterm(L.Callback):
+    """``last.ckpt`` always holds the last step: on SIGTERM (pre-emption, ``scancel``, ``kill``), Ctrl-C and at the end.
+
+    On SIGTERM (and, with ``GracefulStop``, on the first Ctrl-C), Lightning finishes the current
+    optimizer step and raises ``SIGTERMException`` on every rank; this callback writes the checkpoint
+    from that exact state (all ranks take part, rank 0 writes; a Ctrl-C meanwhile is ignored), so a run
+    stopped between periodic checkpoints loses nothing; ``celldiff`` then exits with status 143
+    (SIGTERM) or 130 (Ctrl-C) and says how to resume. At the end of training it also saves when the
     last step is not a multiple of the checkpoint interval.
     """
 
     def _save(self, trainer: L.Trainer, why: str) -> None:
         checkpoint = trainer.checkpoint_callback
         if getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step:
+            STOP.saved_step = trainer.global_step
             return  # ModelCheckpoint has just written this step
         dirpath = getattr(checkpoint, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         path = Path(dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
+        STOP.saved_step = trainer.global_step
         if checkpoint is not None and hasattr(checkpoint, "_last_global_step_saved"):
             checkpoint._last_global_step_saved = trainer.global_step
         if trainer.is_global_zero:
-            import sys
-
             print(f"celldiff: {why}: saved {path} at step {trainer.global_step}", file=sys.stderr)
+
+    _started = False  # the training loop has begun (before it, e.g. in data preparation, there is nothing to save)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, "end of training")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
+        if isinstance(exception, SIGTERMException) and trainer.training and self._started:
+            why = "Ctrl-C" if STOP.signal == "SIGINT" else "SIGTERM"
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+            try:  # a Ctrl-C now would only cut the checkpoint short (the old one would survive, but be older)
+                self._save(trainer, why)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
 
-        if isinstance(exception, SIGTERMException) and trainer.training:
-            self._save(trainer, "SIGTERM")
+
+class CheckpointReadError(Exception):
+    """A checkpoint file that cannot be read: truncated, corrupt or not a checkpoint (reported as one line)."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_beside(path: Path) -> Path:
+    # Hidden and ending in .tmp: never taken for a checkpoint (Lightning's "last" lookup wants last*.ckpt).
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename it over ``path``.
+
+    A crash, a full disk or a kill while saving leaves the previous file intact (the rename is
+    atomic on one file system); the temporary file is removed on failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            print(f"celldiff: error: could not write {path} ({err}); the previous file, if any, is intact", file=sys.stderr)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _is_corrupt_checkpoint_error(err: BaseException) -> bool:
+    import pickle
+    import zipfile
+
+    text = str(err)
+    if isinstance(err, (EOFError, zipfile.BadZipFile)):
+        return True
+    if isinstance(err, pickle.UnpicklingError):
+        return "Weights only load failed" not in text  # that one is about what the file holds, not its bytes
+    return isinstance(err, RuntimeError) and ("PytorchStreamReader" in text or "zip archive" in text)
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Raise ``CheckpointReadError`` if ``path`` is not a whole torch zip file (cheap: reads its directory only)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            whole = any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CheckpointReadError(f"{path} is not a readable checkpoint (truncated or corrupt: {err})") from None
+    if not whole:
+        raise CheckpointReadError(f"{path} is not a readable checkpoint (a zip file without torch data)")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, except that a checkpoint is written beside its target and renamed.
+
+    Lightning's writes through an fsspec transaction whose temporary file lies in the system temp
+    folder and is then copied over the target: a full disk or a crash during the copy leaves a
+    truncated ``last.ckpt`` in place of the good one. Here the checkpoint goes to a temporary file in
+    the same directory, is fsynced and ``os.replace``d over the target (see ``atomic_torch_save``).
+    Remote paths (``s3://`` ...) keep Lightning's behaviour. Loading a truncated or corrupt file raises
+    ``CheckpointReadError`` (one line from the CLI) instead of a zip-reader traceback.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except Exception as err:
+            if _is_corrupt_checkpoint_error(err):
+                raise CheckpointReadError(f"{path} is not a readable checkpoint (truncated or corrupt: {err})") from None
+            raise
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``save_last="link"`` replaces ``last.ckpt`` atomically.
+
+    (Lightning's removes ``last.ckpt`` first and then links or copies: a crash in between leaves no
+    ``last.ckpt``, or a partial copy.) Checkpoints themselves are written by ``AtomicCheckpointIO``.
+    Its state in checkpoints is stored under ``ModelCheckpoint``'s key, so old runs resume alike.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                shutil.rmtree(linkpath)
+            tmp = _temp_beside(Path(linkpath))
+            try:
+                try:
+                    os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+                except OSError:  # no symlinks (Windows without the right): copy, still atomically
+                    shutil.copyfile(filepath, tmp)
+                    with open(tmp, "rb+") as file:
+                        os.fsync(file.fileno())
+                os.replace(tmp, linkpath)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(Path(linkpath).parent)
+        trainer.strategy.barrier()
 
 
 class RNGState(L.Callback):

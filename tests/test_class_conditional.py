@@ -110,8 +110,12 @@ def test_class_balanced_sampling(tmp_path, small_sample):
     dm = CellDataModule(str(root), image_size=16, batch_size=8, class_balanced=True, split_fractions=(1.0, 0.0, 0.0))
     dm.prepare_data()
     dm.setup("fit")
-    torch.manual_seed(0)
-    labels = torch.cat([b["label"] for _ in range(100) for b in dm.train_dataloader()])
+    labels = []
+    for epoch in range(100):  # the order is a function of (seed, epoch): Lightning calls set_epoch each epoch
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        labels += [b["label"] for b in loader]
+    labels = torch.cat(labels)
     counts = torch.bincount(labels, minlength=8).float()
     share = counts / counts.sum()
     assert share.max() < 0.2 and share.min() > 0.07, share  # 1/8 each, not 8/22 basophils

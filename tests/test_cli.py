@@ -208,8 +208,9 @@ def test_wrong_key_gets_a_clear_message(tmp_path):
 def test_help_lists_subcommands(tmp_path):
     result = run_subprocess(["--help"], tmp_path, timeout=120)
     assert result.returncode == 0
-    for sub in ("fit", "validate", "test", "predict"):
+    for sub in ("fit", "validate", "test", "predict", "evaluate"):
         assert sub in result.stdout
+    assert "{fit,validate,test,predict,evaluate}" in result.stdout
 
 
 @pytest.mark.slow
