@@ -544,6 +544,10 @@ class CheckpointReadError(Exception):
     """A checkpoint file that cannot be read: truncated, corrupt or not a checkpoint (reported as one line)."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, no permission); the previous file is intact."""
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -576,8 +580,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(err, OSError):
-            print(f"celldiff: error: could not write {path} ({err}); the previous file, if any, is intact", file=sys.stderr)
+        if isinstance(err, OSError) and not isinstance(err, CheckpointWriteError):
+            raise CheckpointWriteError(
+                err.errno, f"could not write {path} ({err}); the previous file, if any, is intact"
+            ) from None
         raise
     _fsync_dir(path.parent)
 

@@ -29,6 +29,7 @@ from celldiff.callbacks import (
     AtomicCheckpointIO,
     AtomicModelCheckpoint,
     CheckpointReadError,
+    CheckpointWriteError,
     GracefulStop,
     PredictionWriter,
     RNGState,
@@ -875,6 +876,9 @@ def main(args: list[str] | None = None) -> None:
     except CheckpointReadError as err:
         print(f"celldiff: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointWriteError as err:  # a full disk while saving: not the user's input, but one line too
+        print(f"celldiff: error: {err.strerror}", file=sys.stderr)
+        sys.exit(1)
     except SIGTERMException:
         _report_stop()
     except KeyboardInterrupt:  # Ctrl-C outside a Lightning loop (parsing, data preparation, evaluate)

@@ -327,7 +327,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_without_gap_or_repeat(small_sample,
     assert steps == list(range(9))  # every step once: no gap, no repeat
 
 
-def test_a_crash_while_saving_keeps_the_last_checkpoint(small_sample, tmp_path, monkeypatch):
+def test_a_crash_while_saving_keeps_the_last_checkpoint(small_sample, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     run_cli(fit_args(small_sample, run_dir, "--trainer.max_epochs", "1"), tmp_path)
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
@@ -336,8 +336,11 @@ def test_a_crash_while_saving_keeps_the_last_checkpoint(small_sample, tmp_path, 
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(SystemExit) as exit_info:
         run_cli(fit_args(small_sample, run_dir, "--ckpt_path", "last"), tmp_path)
+    assert exit_info.value.code == 1  # one line, no traceback: "could not write ... (disk full); the previous file ... is intact"
+    err = capsys.readouterr().err
+    assert "could not write" in err and "simulated" in err and "intact" in err and "Traceback" not in err
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before  # intact, still loadable
     monkeypatch.undo()
     assert _weights(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
