@@ -1,0 +1,1 @@
+"""Networks only: no diffusion schedule, no Lightning (layer 1)."""
