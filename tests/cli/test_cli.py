@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from jsonargparse import Namespace
 from PIL import Image
 
 from celldiff.cli import main
+from celldiff.cli.main import _set_predict_counts
+from celldiff.errors import UsageError
 from tests.cli.helpers import _plain_argv, fit_args, run_cli, run_subprocess  # noqa: F401 (an autouse fixture)
 from tests.conftest import REPO, SMALL_SAMPLE_SPLIT, TINY_MODEL_ARGS
 
@@ -303,3 +306,38 @@ def test_a_crash_while_saving_keeps_the_last_checkpoint(small_sample, tmp_path, 
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before  # intact, still loadable
     monkeypatch.undo()
     assert _weights(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def _predict_config(num_samples=None, samples_per_image=None, **data) -> Namespace:
+    data = {"predict_images": None, "predict_source": "noise", "masks": None, "eval_masks": None, "num_predict_samples": 16,
+            **data}  # fmt: skip
+    return Namespace(num_samples=num_samples, samples_per_image=samples_per_image, data=Namespace(**data),
+                     model=Namespace(init_args=Namespace(samples_per_image=1)))  # fmt: skip
+
+
+def test_num_samples_counts_images_from_noise_and_samples_per_image_counts_per_masked_image(capsys):
+    cfg = _predict_config(num_samples=5)
+    _set_predict_counts(cfg)
+    assert (cfg.data.num_predict_samples, cfg.model.init_args.samples_per_image) == (5, 1)
+    cfg = _predict_config(samples_per_image=3, predict_source="test", masks="box")
+    _set_predict_counts(cfg)
+    assert (cfg.data.num_predict_samples, cfg.model.init_args.samples_per_image) == (16, 3)
+    assert "deprecated" not in capsys.readouterr().err
+    # The old spelling keeps working for inpainting, with a note.
+    cfg = _predict_config(num_samples=2, predict_images="imgs")
+    _set_predict_counts(cfg)
+    assert (cfg.data.num_predict_samples, cfg.model.init_args.samples_per_image) == (16, 2)
+    assert "--num_samples with inpainting is deprecated: use --samples_per_image 2" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="give only --samples_per_image"):
+        _set_predict_counts(_predict_config(num_samples=2, samples_per_image=2, predict_images="imgs"))
+    with pytest.raises(UsageError, match="generates from noise"):
+        _set_predict_counts(_predict_config(samples_per_image=2, masks="box"))  # masks, but predict_source noise
+
+
+def test_help_says_what_num_samples_and_samples_per_image_count(tmp_path):
+    result = run_subprocess(["predict", "--help"], tmp_path, timeout=120)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--num_samples NUM_SAMPLES predict from noise: images to generate" in text
+    assert "--samples_per_image SAMPLES_PER_IMAGE predict with masks" in text
+    assert "--prediction.nrow" in text and "--prediction.max_grid_panels" in text

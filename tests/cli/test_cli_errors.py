@@ -11,8 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from celldiff.cli.checkpoints import AtomicCheckpointIO, AtomicModelCheckpoint, CheckpointReadError, atomic_torch_save
 from tests.cli.helpers import _plain_argv, run_cli  # noqa: F401 (an autouse fixture)
@@ -90,6 +92,9 @@ BAD_INPUTS = [
     pytest.param(lambda t: ["fit", "--config", DEMO, "--trainer.accumulate_grad_batches", "0"], "accumulate_grad_batches", id="zero-accumulation"),
     pytest.param(lambda t: ["fit", "--config", DEMO, "--checkpoint.every_n_train_steps", "-1"], "every_n_train_steps", id="negative-checkpoint-interval"),
     pytest.param(lambda t: ["predict", "--config", DEMO, "--ckpt_path", "CKPT", "--num_samples", "0"], "--num_samples", id="zero-samples"),
+    pytest.param(lambda t: ["predict", "--config", DEMO, "--ckpt_path", "CKPT", "--samples_per_image", "0"], "--samples_per_image must be at least 1", id="zero-samples-per-image"),
+    pytest.param(lambda t: ["predict", "--config", DEMO, "--ckpt_path", "CKPT", "--samples_per_image", "2"], "generates from noise", id="samples-per-image-from-noise"),
+    pytest.param(lambda t: ["evaluate", "--config", DEMO, "--ckpt_path", "CKPT", "--samples_per_image", "2"], "takes no --samples_per_image", id="samples-per-image-evaluate"),
     pytest.param(lambda t: ["fit", "--config", DEMO, "--trainer.enable_checkpointing", "false"], "save_top_k 0", id="no-checkpointing"),
     pytest.param(lambda t: ["fit", "--config", _yaml_with_syntax_error(t)], "broken.yaml: YAML syntax error at line 4", id="yaml-syntax-error"),
     pytest.param(lambda t: ["fitt", "--config", DEMO], "evaluate", id="typo-in-command"),
@@ -119,6 +124,15 @@ def test_run_dir_with_a_config_but_no_checkpoint_says_so(tmp_path, capsys):
     lines = error_lines(capsys)
     assert len(lines) == 1 and "saved no last.ckpt" in lines[0] and "nothing to resume" in lines[0]
     assert (run_dir / "config.yaml").read_text() == "precious: true\n"
+
+
+# ---------------------------------------------------------------------------------------------- predict's grid
+def test_prediction_nrow_sets_the_columns_of_grid_png(trained, tmp_path):
+    out = tmp_path / "out"
+    run_cli(tiny_predict(trained.data, trained.ckpt, out, "--prediction.nrow", "3"), tmp_path)
+    grid = np.asarray(Image.open(out / "grid.png"))
+    tile = 16 + 2  # image + padding
+    assert grid.shape[:2] == (2 * tile + 2, 3 * tile + 2)  # 6 images in rows of 3 (default: about sqrt(6) = 3 x 3)
 
 
 # ---------------------------------------------------------------------------------------------- default_root_dir

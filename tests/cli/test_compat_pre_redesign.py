@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, SAMPLE
 from tests.cli.helpers import run_cli
+from tests.conftest import REPO, SAMPLE
 
 FIXTURES = REPO / "tests" / "fixtures" / "pre_redesign"
 TINY = ["--model.base_channels", "8", "--model.channel_mult", "[1,2]", "--model.num_res_blocks", "1",

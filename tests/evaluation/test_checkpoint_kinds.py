@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.cli.helpers import _plain_argv, run_cli  # noqa: F401 (an autouse fixture)
 from tests.conftest import REPO, SAMPLE, SMALL_SAMPLE_PER_CLASS, TINY_MODEL_ARGS
-from tests.test_cli import _plain_argv, run_cli  # noqa: F401 (an autouse fixture)
 
 CONFIGS = REPO / "configs"
 DEMO, PHASE3, INPAINT = str(CONFIGS / "demo.yaml"), str(CONFIGS / "demo_phase3.yaml"), str(CONFIGS / "demo_inpaint.yaml")

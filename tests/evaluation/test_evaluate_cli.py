@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from tests.cli.helpers import run_cli, run_subprocess
 from tests.conftest import REPO, TINY_MODEL_ARGS
-from tests.test_cli import run_cli, run_subprocess
 
 TINY_CLASSIFIER = ["--model.width", "8", "--model.feature_dim", "32", "--data.image_size", "16"]
 

@@ -1,7 +1,7 @@
-"""Run by tests/test_ddp.py: train the same global batches on 1 process or on 2 (gloo) and save the result.
+"""Run by tests/training/test_ddp.py: train the same global batches on 1 process or on 2 (gloo) and save the result.
 
-    python tests/ddp_equivalence.py OUT.pt WORLD            # the model: same global batches in, same weights out
-    python tests/ddp_equivalence.py OUT.pt WORLD DATA_DIR   # the data: CellDataModule with masks and
+    python tests/training/ddp_equivalence.py OUT.pt WORLD            # the model: same global batches in, same weights out
+    python tests/training/ddp_equivalence.py OUT.pt WORLD DATA_DIR   # the data: CellDataModule with masks and
         augmentation; every rank saves the batches it trained on to OUT.pt.rank<R>
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from celldiff.data import CellDataModule
 from celldiff.images import to_uint8
-from celldiff.module import DiffusionModule
+from celldiff.training.module import DiffusionModule
 
 GLOBAL_BATCH, STEPS, SIZE = 8, 6, 16
 

@@ -1,11 +1,14 @@
-"""Callbacks: throughput logging across short epochs."""
+"""Callbacks: throughput logging across short epochs; the old ``celldiff.callbacks`` class paths."""
 
 from __future__ import annotations
 
-import lightning as L
+import importlib
 
-from celldiff.callbacks import Throughput
-from tests.test_module import FixedImages, tiny_module
+import lightning as L
+import pytest
+
+from celldiff.training.callbacks import Throughput
+from tests.training.helpers import FixedImages, tiny_module
 
 
 def test_throughput_is_logged_across_short_epochs():
@@ -16,3 +19,15 @@ def test_throughput_is_logged_across_short_epochs():
     trainer.fit(module, datamodule=FixedImages(steps=3))  # 3 steps per epoch, window 4
     rate = float(trainer.callback_metrics["perf/images_per_sec"])
     assert 0 < rate < 1e6
+
+
+def test_old_class_paths_resolve_with_a_deprecation_warning():
+    import celldiff.callbacks
+    from celldiff.cli.loggers import AppendingCSVLogger
+    from celldiff.training import callbacks, prediction, stopping
+
+    with pytest.warns(DeprecationWarning, match="celldiff.training.callbacks"):
+        old = importlib.reload(celldiff.callbacks)
+    assert old.SampleGrid is callbacks.SampleGrid and old.InpaintingPanels is callbacks.InpaintingPanels
+    assert old.PredictionWriter is prediction.PredictionWriter and old.SaveOnSigterm is stopping.SaveOnSigterm
+    assert old.AppendingCSVLogger is AppendingCSVLogger  # the logger class path of configs saved by old runs

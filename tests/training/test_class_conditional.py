@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from celldiff.data import CellDataModule, NoiseDataset, resolve_classes
-from celldiff.module import DiffusionModule
+from celldiff.data import CellDataModule
+from celldiff.data.datasets import NoiseDataset, resolve_classes
+from celldiff.training.module import DiffusionModule
+from tests.cli.helpers import run_cli, run_subprocess
 from tests.conftest import REPO, TINY_MODEL_ARGS
-from tests.test_cli import run_cli, run_subprocess
-from tests.test_module import TINY
+from tests.training.helpers import TINY
 
 NAMES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 

@@ -13,8 +13,8 @@ import torch
 from celldiff.data import CellDataModule
 from celldiff.evaluation.judge import classifier_report, load_judge
 from celldiff.training.classifier import CellClassifier
+from tests.cli.helpers import run_cli
 from tests.conftest import REPO, SAMPLE, SMALL_SAMPLE_SPLIT
-from tests.test_cli import run_cli
 
 CONFIG = str(REPO / "configs" / "demo_classifier.yaml")
 FIXTURES = REPO / "tests" / "fixtures" / "pre_redesign"

@@ -15,7 +15,7 @@ from tests.conftest import REPO, SAMPLE
 
 def run_script(tmp_path, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_equivalence.py"), *args],
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "training" / "ddp_equivalence.py"), *args],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -26,7 +26,7 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     for world in (1, 2):
         out = tmp_path / f"world{world}.pt"
         env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
-        result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_equivalence.py"), str(out), str(world)],
+        result = subprocess.run([sys.executable, str(REPO / "tests" / "training" / "ddp_equivalence.py"), str(out), str(world)],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         results[world] = torch.load(out, weights_only=False)

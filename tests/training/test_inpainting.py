@@ -12,12 +12,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from celldiff.data import CellDataModule
-from celldiff.metrics import boundary_ring, inpainting_metrics, masked_psnr, seam_score
-from celldiff.module import DiffusionModule
-from celldiff.user_images import read_image, read_mask
+from celldiff.data.user_images import read_image, read_mask
+from celldiff.evaluation.masked import boundary_ring, inpainting_metrics, masked_psnr, seam_score
+from celldiff.training.module import DiffusionModule
+from tests.cli.helpers import run_cli
 from tests.conftest import REPO, SAMPLE
-from tests.test_cli import run_cli
-from tests.test_module import TINY
+from tests.training.helpers import TINY
 
 
 def tiny_inpainter(**overrides) -> DiffusionModule:
@@ -185,7 +185,7 @@ def test_tiny_inpainting_model_round_trips_through_predict(small_sample, user_fi
     out = tmp_path / "user"
     args = ["predict", "--config", str(REPO / "configs" / "demo_inpaint.yaml"), "--ckpt_path", ckpt,
             "--output_dir", str(out), "--data.predict_images", str(images), "--data.predict_masks", str(masks),
-            "--num_samples", "2", "--model.sampling_steps", "3", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            "--samples_per_image", "2", "--model.sampling_steps", "3", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "celldiff.cli", *args], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]

@@ -89,9 +89,9 @@ def test_cli_fit_predict_evaluate_with_dpmsolver(small_sample, tmp_path, monkeyp
     import numpy as np
     from PIL import Image
 
+    from tests.cli.helpers import fit_args, run_cli
     from tests.conftest import REPO, TINY_MODEL_ARGS
     from tests.evaluation.test_evaluate_cli import TINY_CLASSIFIER
-    from tests.test_cli import fit_args, run_cli
 
     monkeypatch.setattr(sys, "argv", ["celldiff"])
     run_dir = tmp_path / "run"

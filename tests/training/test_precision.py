@@ -10,7 +10,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 
 from celldiff.errors import UnsupportedPrecisionError
 from celldiff.training.module import DiffusionModule
-from tests.test_cli import fit_args, run_cli
+from tests.cli.helpers import fit_args, run_cli
 from tests.training.helpers import FixedImages, tiny_module
 
 pytestmark = pytest.mark.filterwarnings("ignore")
