@@ -33,7 +33,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from celldiff.data import CellDataModule, CellDataWarning, build_cache, scan_dataset
+from celldiff.data.datamodule import CellDataModule
+from celldiff.data.imagecache import build_cache
+from celldiff.data.scan import scan_dataset
+from celldiff.errors import CellDataWarning
 
 
 def cpu_model() -> str:

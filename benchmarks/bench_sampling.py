@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from celldiff.sampler import sample
-from celldiff.schedule import NoiseSchedule
-from celldiff.unet import UNet, count_parameters
+from celldiff.diffusion.samplers import sample
+from celldiff.diffusion.schedule import NoiseSchedule
+from celldiff.nets.unet import UNet, count_parameters
 
 
 def cpu_description() -> str:

@@ -20,8 +20,8 @@ import torch
 from bench_data import cpu_model  # the benchmarks folder is on sys.path when run as a script
 from torch.utils.flop_counter import FlopCounterMode
 
-from celldiff.module import DiffusionModule
-from celldiff.unet import count_parameters
+from celldiff.nets.unet import count_parameters
+from celldiff.training.module import DiffusionModule
 
 
 def cpu_flags() -> str:

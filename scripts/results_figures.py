@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from celldiff.baselines import blur_fill, mean_fill
-from celldiff.callbacks import image_grid, labelled_rows, save_png
-from celldiff.data import CellDataModule, MaskAssigner, noise_seed_for
-from celldiff.module import DiffusionModule
+from celldiff.data.datamodule import CellDataModule
+from celldiff.data.datasets import MaskAssigner
+from celldiff.evaluation.baselines import blur_fill, mean_fill
+from celldiff.images import image_grid, labelled_rows, save_png
+from celldiff.seeds import sample_seed
+from celldiff.training.module import DiffusionModule
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
         batch = test.get_batch(positions)
         known = batch["image"].float() / 127.5 - 1
         mask = MaskAssigner(family, dm.mask_options, dm.mask_seed, deterministic=True)(batch["image"], test.indices[positions]).float()
-        seeds = [noise_seed_for(0, i) for i in range(len(positions))]
+        seeds = [sample_seed(0, i) for i in range(len(positions))]
         outputs = {"masked": known * (1 - mask), "original": known}
         for name, model in models.items():
             condition = model.network_condition({"image": known, "mask": mask, "label": batch["label"]})

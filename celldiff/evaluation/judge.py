@@ -25,14 +25,13 @@ from torch import Tensor, nn
 from celldiff.images import to_model_range
 from celldiff.nets.classifier import CellResNet, nest_flat_keys
 
-# The class path each kind is reported and compared under, and the other names of the same class: the
-# configs (and checkpoints) of today name the deprecated shims, those of the new layout the classes' homes.
-# TRANSITIONAL (D): once configs and the CLI name celldiff.training.*, swap the two paths of each pair.
-DIFFUSION_CLASS_PATH = "celldiff.module.DiffusionModule"
-CLASSIFIER_CLASS_PATH = "celldiff.classifier.CellClassifier"
+# The class path each kind is reported and compared under, and the older names of the same class: configs
+# and checkpoints written before the redesign name the deprecated shims (celldiff.module, celldiff.classifier).
+DIFFUSION_CLASS_PATH = "celldiff.training.module.DiffusionModule"
+CLASSIFIER_CLASS_PATH = "celldiff.training.classifier.CellClassifier"
 CLASS_PATH_ALIASES = {
-    "celldiff.training.module.DiffusionModule": DIFFUSION_CLASS_PATH,
-    "celldiff.training.classifier.CellClassifier": CLASSIFIER_CLASS_PATH,
+    "celldiff.module.DiffusionModule": DIFFUSION_CLASS_PATH,
+    "celldiff.classifier.CellClassifier": CLASSIFIER_CLASS_PATH,
 }
 _KIND_WORDS = {DIFFUSION_CLASS_PATH: "a diffusion model", CLASSIFIER_CLASS_PATH: "a cell classifier"}
 DEFAULT_JUDGE_SIZE = 64  # CellClassifier's default image_size, for a checkpoint that does not name its own

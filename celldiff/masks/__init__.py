@@ -5,7 +5,6 @@ Masks are float32 (1, H, W) / (B, 1, H, W) with 1 = missing; see ``celldiff.mask
 """
 
 from celldiff.masks.mixture import DEFAULT_MASK_WEIGHTS, FAMILIES, MASK_TYPES, MaskSampler, mask_families
-from celldiff.masks.shapes import inpainting_condition  # TRANSITIONAL: removed by D (import it from .shapes)
 
 __all__ = [
     "DEFAULT_MASK_WEIGHTS",
@@ -13,5 +12,4 @@ __all__ = [
     "MASK_TYPES",
     "MaskSampler",
     "mask_families",
-    "inpainting_condition",  # TRANSITIONAL: removed by D
 ]

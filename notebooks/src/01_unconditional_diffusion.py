@@ -36,10 +36,11 @@ import torch
 # Run from the repository root whatever directory Jupyter started in.
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
 os.chdir(ROOT)
-from celldiff.callbacks import image_grid  # noqa: E402
-from celldiff.data import build_cache, load_cache, scan_dataset  # noqa: E402
-from celldiff.module import DiffusionModule  # noqa: E402
-from celldiff.schedule import NoiseSchedule  # noqa: E402
+from celldiff.data.imagecache import build_cache, load_cache  # noqa: E402
+from celldiff.data.scan import scan_dataset  # noqa: E402
+from celldiff.diffusion.schedule import NoiseSchedule  # noqa: E402
+from celldiff.images import image_grid  # noqa: E402
+from celldiff.training.module import DiffusionModule  # noqa: E402
 
 torch.set_grad_enabled(False)
 

@@ -41,11 +41,11 @@ import torch
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
 os.chdir(ROOT)
-from celldiff.callbacks import image_grid  # noqa: E402
-from celldiff.data import CellDataModule  # noqa: E402
-from celldiff.masks import MASK_TYPES  # noqa: E402
-from celldiff.metrics import inpainting_metrics  # noqa: E402
-from celldiff.module import DiffusionModule  # noqa: E402
+from celldiff.data.datamodule import CellDataModule  # noqa: E402
+from celldiff.evaluation.masked import inpainting_metrics  # noqa: E402
+from celldiff.images import image_grid  # noqa: E402
+from celldiff.masks.mixture import MASK_TYPES  # noqa: E402
+from celldiff.training.module import DiffusionModule  # noqa: E402
 
 torch.set_grad_enabled(False)
 
@@ -157,7 +157,7 @@ show(strip, nrow=len(picks), figsize=(14, 4),
 # The sample is small (NUM_CELLS per family): read differences of a few tenths of a dB as noise.
 
 # %%
-from celldiff.baselines import mean_fill  # noqa: E402
+from celldiff.evaluation.baselines import mean_fill  # noqa: E402
 
 methods = {
     "celldiff inpainting": lambda b, s: inpaint(inpainter, b, s),

@@ -41,9 +41,9 @@ import torch
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
 os.chdir(ROOT)
-from celldiff.callbacks import image_grid  # noqa: E402
-from celldiff.data import CellDataModule  # noqa: E402
-from celldiff.module import DiffusionModule  # noqa: E402
+from celldiff.data.datamodule import CellDataModule  # noqa: E402
+from celldiff.images import image_grid  # noqa: E402
+from celldiff.training.module import DiffusionModule  # noqa: E402
 
 torch.set_grad_enabled(False)
 
@@ -152,12 +152,12 @@ ax.set_title("nucleus masked, completed as each class (guidance 2)");
 # With the demo checkpoints and the 320-image sample these are rough figures (tiny n).
 
 # %%
-from celldiff.classifier import load_classifier  # noqa: E402
-from celldiff.evaluate import run_evaluation  # noqa: E402
+from celldiff.evaluation.judge import load_judge  # noqa: E402
+from celldiff.evaluation.run import run_evaluation  # noqa: E402
 
 if CLASSIFIER_CKPT is None:
     CLASSIFIER_CKPT = train_demo("configs/demo_classifier.yaml", "classifier", CLASSIFIER_OVERRIDES)
-classifier = load_classifier(CLASSIFIER_CKPT)
+classifier = load_judge(CLASSIFIER_CKPT)
 eval_dm = CellDataModule(DATA_DIR, image_size=model.hparams.image_size)
 table = []
 for scale in GUIDANCE_SCALES:
