@@ -324,7 +324,8 @@ def main(args: list[str] | None = None) -> None:
         check_config_yaml(args)
         CellDiffCLI(args=args, evaluate=evaluate)
     except tuple(EXIT_CODES) as err:
-        print(f"celldiff: error: {err}", file=sys.stderr)
+        if not is_child_rank():  # every DDP rank meets the same bad input: one line, from the rank the user started
+            print(f"celldiff: error: {err}", file=sys.stderr)
         sys.exit(next(code for kind, code in EXIT_CODES.items() if isinstance(err, kind)))
     except CheckpointWriteError as err:  # a full disk while saving: not the user's input, but one line too
         print(f"celldiff: error: {err.strerror}", file=sys.stderr)

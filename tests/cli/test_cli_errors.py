@@ -343,3 +343,14 @@ def test_a_signal_outside_lightnings_loops_stops_with_one_line(trained, tmp_path
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"celldiff: stopped by {'Ctrl-C' if signame == 'SIGINT' else 'SIGTERM'}") and expected in last
+
+
+def test_a_ddp_child_rank_does_not_repeat_the_error_line(tmp_path, capsys, monkeypatch):
+    """Every rank meets the same bad input; only the process the user started prints it (one line, not W)."""
+    args = ["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.data_dir", str(tmp_path / "missing")]
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli([*args, "--run_dir", str(tmp_path / f"run{rank}")], tmp_path)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.count("celldiff: error:") == lines
