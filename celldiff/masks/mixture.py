@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from celldiff.masks.nucleus import nucleus_mask
-from celldiff.masks.shapes import box_mask, brush_mask, centre_mask, check_mask, half_mask, outpaint_mask
+from celldiff.masks.shapes import box_mask, brush_mask, centre_mask, check_mask, full_mask, half_mask, outpaint_mask
 
 MaskSpec = str | Sequence[str] | Mapping[str, float]
 
@@ -49,6 +49,9 @@ FAMILIES: dict[str, Family] = {
     "half": Family(half_mask, 0.5),
     "outpaint": Family(outpaint_mask, 0.5),
     "nucleus": Family(nucleus_mask, 1.0, reads_image=True),
+    # Off by default (weight 0): with it in the training mixture one inpainting model also generates
+    # from scratch (an all-ones mask is "nothing observed").
+    "full": Family(full_mask, 0.0),
 }
 MASK_TYPES: tuple[str, ...] = tuple(FAMILIES)
 DEFAULT_MASK_WEIGHTS: dict[str, float] = {name: family.weight for name, family in FAMILIES.items()}

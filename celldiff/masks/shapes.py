@@ -304,3 +304,16 @@ def outpaint_mask(size: int, generator: torch.Generator, band: Sequence[float] =
     mask = torch.ones(1, size, size)
     mask[:, width : size - width, width : size - width] = 0.0
     return mask
+
+
+def full_mask(size: int, generator: torch.Generator | None) -> Tensor:
+    """Every pixel missing: generation from nothing, so that one inpainting model also generates.
+
+    Args:
+        size: Image side in pixels.
+        generator: Unused (the mask is fixed); accepted so the family has the common signature.
+
+    Returns:
+        (1, size, size) float32 of ones.
+    """
+    return torch.ones(1, size, size)

@@ -34,7 +34,7 @@ def test_sampler_call_fires_the_drawn_generator(cells) -> None:
         name = sampler.choose(replay)
         fired.append(name)
         assert torch.equal(mask, sampler.make(name, image, replay))
-    assert set(fired) == set(MASK_TYPES)
+    assert set(fired) == {name for name, weight in DEFAULT_MASK_WEIGHTS.items() if weight > 0}
 
 
 def test_sampler_batch(cells) -> None:
@@ -80,7 +80,7 @@ def test_sampler_from_spec_forms() -> None:
     assert mixed.names == ("box", "brush") and mixed.probabilities["brush"] == pytest.approx(2 / 3)
     boxes = MaskSampler.from_spec("box", options={"box": {"num_boxes": (1, 1), "box_size": (0.5, 0.5)}})
     assert missing_fraction(boxes(torch.zeros(3, SIZE, SIZE), seeded(0))) == 0.25
-    assert MaskSampler().names == tuple(DEFAULT_MASK_WEIGHTS)
+    assert MaskSampler().names == tuple(name for name, weight in DEFAULT_MASK_WEIGHTS.items() if weight > 0)
 
 
 def test_sampler_rejects_bad_configs() -> None:
@@ -102,7 +102,7 @@ def test_sampler_rejects_bad_configs() -> None:
 # --------------------------------------------------------------------------- the registry
 def test_every_list_of_mask_names_is_the_registry() -> None:
     assert MASK_TYPES == tuple(FAMILIES) and tuple(DEFAULT_MASK_WEIGHTS) == MASK_TYPES
-    assert MaskSampler().names == MASK_TYPES
+    assert MaskSampler().names == tuple(name for name in MASK_TYPES if name != "full")  # full: off by default
     assert mask_families({"nucleus": 1, "half": 0, "box": 2}) == ["box", "nucleus"]  # registry order
     assert mask_families("outpaint,centre") == ["centre", "outpaint"]
     with pytest.raises(ValueError, match="valid mask types"):
@@ -136,3 +136,12 @@ def test_check_catches_a_family_that_breaks_the_conventions(monkeypatch) -> None
         with pytest.raises(ValueError, match=message):
             MaskSampler.from_spec(name).check()
     MaskSampler().check()  # every registered family follows them, with its default options
+
+
+def test_the_full_family_masks_every_pixel_and_is_off_by_default() -> None:
+    assert DEFAULT_MASK_WEIGHTS["full"] == 0.0 and "full" not in MaskSampler().names
+    sampler = MaskSampler({"full": 1.0, "box": 1.0})
+    masks = [sampler(torch.zeros(3, SIZE, SIZE), seeded(seed)) for seed in range(40)]
+    full = [mask for mask in masks if bool(mask.all())]
+    assert 10 <= len(full) <= 30  # about half of the draws
+    assert all(mask.dtype == torch.float32 and mask.shape == (1, SIZE, SIZE) for mask in full)
