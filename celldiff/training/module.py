@@ -83,6 +83,14 @@ def _sync_ema_counter(module: DiffusionModule, incompatible_keys: Any) -> None:
     module.ema.load_counter(module.ema_updates)
 
 
+def nothing_observed(count: int, channels: int, size: int, device: torch.device) -> dict[str, Tensor]:
+    """An inpainting condition with every pixel missing: a zero known image and an all-ones mask.
+
+    An inpainting model trained with the ``full`` mask family generates from it (one model, four tasks).
+    """
+    return {"known": torch.zeros(count, channels, size, size, device=device), "mask": torch.ones(count, 1, size, size, device=device)}
+
+
 class DiffusionModule(L.LightningModule):
     """A DDPM (Ho et al. 2020) on a timestep-conditioned U-Net: ε- or v-prediction, inpainting, classes.
 
@@ -232,7 +240,7 @@ class DiffusionModule(L.LightningModule):
         condition: dict[str, Any] = {"class_labels": batch["label"] if self.hparams.class_conditional else None}
         if "mask" in batch:
             condition["known"], condition["mask"] = batch["image"], batch["mask"]
-        elif self.hparams.inpainting:
+        elif self.hparams.inpainting and self.training:  # (sampling without a mask: generate() observes nothing)
             raise KeyError("an inpainting model needs a mask with every image: set data.masks (e.g. --data.masks box) "
                            "or give --data.predict_masks")  # fmt: skip
         return condition
@@ -332,12 +340,12 @@ class DiffusionModule(L.LightningModule):
         Args:
             noise_seeds: One seed per image (length B); image i depends only on its seed.
             condition: Network conditioning (see ``network_condition``); with a mask: inpainting.
-            sampler: A name in ``SAMPLERS``; steps: reverse steps; guidance_scale: classifier-free
-                guidance. Each defaults to its hyperparameter.
-            callback: Called at every reverse step with the sampler's state dict.
-            progress: Show a progress bar.
+            sampler, steps, guidance_scale: A name in ``SAMPLERS``, reverse steps, classifier-free guidance (defaults:
+                the hyperparameters). callback: Called at every step with the sampler's state. progress: A progress bar.
         """
-        hp, condition = self.hparams, condition or {}
+        hp, condition = self.hparams, dict(condition or {})
+        if hp.inpainting and "mask" not in condition:  # nothing observed: generation (the "full" mask family)
+            condition.update(nothing_observed(len(noise_seeds), hp.image_channels, hp.image_size, self.device))
         inpaint: dict[str, Any] = {}
         if "mask" in condition:  # inpainting by replacement, with RePaint resampling
             inpaint = dict(known=condition["known"].float(), missing_mask=condition["mask"],

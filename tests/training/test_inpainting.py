@@ -53,6 +53,24 @@ def test_inpainting_model_needs_masks():
         module.network_condition({"image": torch.zeros(1, 3, 16, 16), "label": torch.zeros(1, dtype=torch.long)})
 
 
+def test_an_inpainting_model_generates_from_nothing_observed():
+    """No mask at sampling = the "full" family: a zero known image and an all-ones mask (one model, four tasks)."""
+    module = tiny_inpainter(sampler="ddim", sampling_steps=4).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(module.ema_unet.out[-1].weight, std=0.1)
+    seen = []
+    module.ema_unet.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        drawn = module.generate([3, 4])
+        ones = torch.ones(2, 1, 16, 16)
+        explicit = module.generate([3, 4], condition={"known": torch.zeros(2, 3, 16, 16), "mask": ones})
+        batch = {"index": torch.arange(2), "noise_seed": torch.tensor([3, 4]), "label": torch.zeros(2, dtype=torch.long)}
+        predicted = module.predict_step(batch, 0)["images"]
+    assert drawn.shape == (2, 3, 16, 16) and torch.isfinite(drawn).all() and drawn.std() > 0
+    assert torch.equal(drawn, explicit) and torch.equal(drawn, predicted)
+    assert all(torch.equal(x[:, 3:6], torch.zeros(2, 3, 16, 16)) and torch.equal(x[:, 6:], ones) for x in seen)
+
+
 def test_mask_weighted_loss():
     x0 = torch.zeros(1, 3, 16, 16)
     noise = torch.ones(1, 3, 16, 16)
