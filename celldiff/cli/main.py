@@ -117,19 +117,12 @@ class CellDiffCLI(LightningCLI):
         parser.add_argument("--num_samples", type=int | None, default=None, help=NUM_SAMPLES_HELP)
         parser.add_argument("--samples_per_image", type=int | None, default=None, help=SAMPLES_PER_IMAGE_HELP)
         parser.add_argument("--seed", type=int | None, default=None, help="Seed of everything, incl. sample noise.")
-        parser.add_argument(
-            "--classes",
-            type=str | None,
-            default=None,
-            help="predict with a class-conditional model: class names or ids, e.g. eosinophil,platelet or all.",
-        )
-        parser.add_argument("--classifier_ckpt", type=str | None, default=None, help="evaluate: cell classifier checkpoint.")
-        parser.add_argument(
-            "--baseline",
-            type=str | None,
-            default=None,
-            help="evaluate: measure a non-learned inpainting fill (mean_fill, blur_fill) instead of a checkpoint.",
-        )
+        for flag, text in (
+            ("--classes", "predict with a class-conditional model: class names or ids, e.g. eosinophil,platelet or all."),
+            ("--classifier_ckpt", "evaluate: cell classifier checkpoint."),
+            ("--baseline", "evaluate: measure a non-learned inpainting fill (mean_fill, blur_fill) instead of a checkpoint."),
+        ):
+            parser.add_argument(flag, type=str | None, default=None, help=text)
         parser.add_argument(
             "--metrics.inception_weights",
             type=str | None,

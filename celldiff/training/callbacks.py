@@ -113,9 +113,9 @@ class InpaintingPanels(_EveryNEpochs):
     Args:
         every_n_epochs: Run at the end of every N-th training epoch (0 disables).
         num_images: Validation images to inpaint.
-        seed: Seed of the sampling noise.
         sampler: A name of ``celldiff.diffusion.samplers.SAMPLERS``; default: the model's.
         steps: Reverse steps; default: the model's.
+        seed: Seed of the sampling noise.
     """
 
     def __init__(
