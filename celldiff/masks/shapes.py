@@ -8,7 +8,7 @@ Conventions (checked by :func:`check_mask`):
 - Images are float tensors in [-1, 1], shape (3, H, W) or (B, 3, H, W).
 - The masked image carries no information inside the mask: ``masked_image = image * (1 - mask)``, so
   missing pixels read 0, i.e. mid-grey in [-1, 1]. The model tells "missing" from "grey" by the mask
-  channel, which :func:`inpainting_condition` appends: the inpainting U-Net sees
+  channel, which ``celldiff.diffusion.denoiser.inpainting_input`` appends: the inpainting U-Net sees
   ``cat(x_t, masked_image, mask)``, 3 + 3 + 1 = 7 channels.
 
 Shapes take ``(size, generator, **options)`` and return a (1, size, size) float32 {0, 1} mask on the
@@ -84,24 +84,6 @@ def masked_image(image: Tensor, mask: Tensor) -> Tensor:
     return image * (1 - mask.to(image.dtype))
 
 
-def inpainting_condition(image: Tensor, mask: Tensor) -> Tensor:
-    """The channels the inpainting model sees next to x_t: ``cat(masked_image, mask)``.
-
-    Shapes are checked; values are trusted, so no device sync happens here (use :func:`check_mask`
-    where masks come from outside). Any floating mask dtype is accepted (see :func:`masked_image`).
-
-    Args:
-        image: (B, 3, H, W) in [-1, 1], or unbatched (3, H, W).
-        mask: (B, 1, H, W), or unbatched (1, H, W); 1 = missing.
-
-    Returns:
-        (B, 4, H, W) (or (4, H, W)), in ``image``'s dtype: channels 0-2 the masked image, 3 the mask.
-    """
-    known = masked_image(image, mask)
-    return torch.cat([known, mask.to(image.dtype)], dim=-3)
-
-
-# --------------------------------------------------------------------------- random helpers
 def _check_range(name: str, value: Sequence[float], low: float, high: float) -> tuple[float, float]:
     if len(value) != 2 or not low <= value[0] <= value[1] <= high:
         raise ValueError(f"{name} must be (low, high) with {low} <= low <= high <= {high}, got {tuple(value)}")

@@ -1,4 +1,4 @@
-"""Mask shapes (celldiff.masks.shapes): box, brush, centre, half, outpaint; the conventions and the condition."""
+"""Mask shapes (celldiff.masks.shapes): box, brush, centre, half, outpaint; the conventions and the masked image."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from celldiff.masks.shapes import (
     centre_mask,
     check_mask,
     half_mask,
-    inpainting_condition,
     masked_image,
     outpaint_mask,
 )
@@ -150,20 +149,19 @@ def test_invalid_ranges_raise(generate, kwargs) -> None:
         generate(SIZE, seeded(0), **kwargs)
 
 
-# --------------------------------------------------------------------------- the conventions and the condition
-def test_inpainting_condition_layout() -> None:
+# --------------------------------------------------------------------------- the conventions and the masked image
+def test_masked_image_layout() -> None:
+    """The known part the inpainting model sees (its mask channel: tests/diffusion/test_denoiser.py)."""
     image = torch.rand(2, 3, SIZE, SIZE, generator=seeded(0)) * 2 - 1
     mask = torch.stack([box_mask(SIZE, seeded(1)), brush_mask(SIZE, seeded(2))])
-    condition = inpainting_condition(image, mask)
-    assert condition.shape == (2, 4, SIZE, SIZE) and condition.dtype == image.dtype
-    assert torch.equal(condition[:, :3], image * (1 - mask))
-    assert torch.equal(condition[:, :3], masked_image(image, mask))
-    assert (condition[:, :3][mask.expand(-1, 3, -1, -1) == 1] == 0).all()  # nothing leaks from the missing part
-    assert torch.equal(condition[:, :3][mask.expand(-1, 3, -1, -1) == 0], image[mask.expand(-1, 3, -1, -1) == 0])
-    assert torch.equal(condition[:, 3:], mask)
+    known = masked_image(image, mask)
+    assert known.shape == (2, 3, SIZE, SIZE) and known.dtype == image.dtype
+    assert torch.equal(known, image * (1 - mask))
+    assert (known[mask.expand(-1, 3, -1, -1) == 1] == 0).all()  # nothing leaks from the missing part
+    assert torch.equal(known[mask.expand(-1, 3, -1, -1) == 0], image[mask.expand(-1, 3, -1, -1) == 0])
     # Unbatched, and in the image's (mixed-precision) dtype.
-    assert torch.equal(inpainting_condition(image[0], mask[0]), condition[0])
-    assert inpainting_condition(image.bfloat16(), mask).dtype == torch.bfloat16
+    assert torch.equal(masked_image(image[0], mask[0]), known[0])
+    assert masked_image(image.bfloat16(), mask).dtype == torch.bfloat16
 
 
 def test_check_mask_errors() -> None:
@@ -186,8 +184,8 @@ def test_check_mask_errors() -> None:
         with pytest.raises(ValueError, match=message):
             check_mask(mask, against)
     with pytest.raises(ValueError, match="does not match"):
-        inpainting_condition(image, torch.zeros(2, 1, 32, 32))
+        masked_image(image, torch.zeros(2, 1, 32, 32))
     with pytest.raises(ValueError, match="floating point"):
-        inpainting_condition(image, good.bool())
+        masked_image(image, good.bool())
     # bf16-true / 16-true precision casts floating batch tensors: 0 and 1 stay exact, so it is accepted.
-    assert torch.equal(inpainting_condition(image, good.bfloat16()), inpainting_condition(image, good))
+    assert torch.equal(masked_image(image, good.bfloat16()), masked_image(image, good))
