@@ -1,20 +1,25 @@
 """Checkpoints on the command line: what ``--ckpt_path`` brings, checked before any work; atomic writes.
 
 ``checkpoint_update`` reads a checkpoint's kind and hyperparameters (``weights_only=True``: no code is
-unpickled) and returns the config values it brings; ``AtomicCheckpointIO`` and ``AtomicModelCheckpoint``
-write checkpoints so that a full disk or a crash never leaves a truncated ``last.ckpt``.
+unpickled), or a weights file's metadata (``celldiff.training.weights``: safetensors), and returns the
+config values it brings; it also checks ``--model.init_weights`` against the config. ``AtomicCheckpointIO``
+and ``AtomicModelCheckpoint`` write checkpoints so that a full disk or a crash never leaves a truncated
+``last.ckpt``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import pickle
 import shutil
 import sys
+import tempfile
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,14 @@ from celldiff.evaluation.judge import (
     describe_kind,
     read_checkpoint,
 )
+from celldiff.masks.mixture import spec_weights
+from celldiff.training.weights import (
+    check_fits,
+    is_weights_file,
+    mismatch_line,
+    read_init_weights_metadata,
+    read_weights_metadata,
+)
 
 LIGHTNING_ONLY = ("best", "hpc", "registry")  # --ckpt_path values only fit understands
 
@@ -56,7 +69,9 @@ def checkpoint_update(cfg: Namespace, sub: str, command: str) -> dict[str, Any] 
     are taken; sampling choices stay with the config and the command line. A class-conditional model or
     a classifier also brings its class list (``class_names``): its labels mean those classes, so the data
     is read with them. ``--ckpt_path last`` is resolved here for validate / test / predict / evaluate
-    (``cfg.ckpt_path`` becomes the file).
+    (``cfg.ckpt_path`` becomes the file). A weights file (``NAME.safetensors``) brings the same from its
+    metadata, for every command but fit (the CLI then loads its weights into the built model). fit with
+    ``--model.init_weights`` checks that file's architecture against the config and brings its classes.
 
     Checked here, before anything is built (``UsageError``, one line each): a checkpoint of the wrong kind
     for the command (a classifier for predict or evaluate; for fit, a checkpoint of another kind than the
@@ -99,26 +114,38 @@ def checkpoint_update(cfg: Namespace, sub: str, command: str) -> dict[str, Any] 
                 print(f"celldiff: --ckpt_path last: {found}", file=sys.stderr)
             cfg.ckpt_path = ckpt_path = read_path = str(found)
     if not ckpt_path or ckpt_path in LIGHTNING_ONLY:
-        return None
-    try:
-        ckpt = read_checkpoint(read_path, "--ckpt_path")
-    except CheckpointKindError as err:
-        if ckpt_path == "last":  # fit: reported with the run directory, and what to resume from instead
-            return None
-        raise UsageError(str(err)) from None
-    class_path = checkpoint_class_path(ckpt)
+        return _init_weights_update(cfg, command) if sub == "fit" and not ckpt_path else None
+    if is_weights_file(read_path):
+        if sub == "fit":
+            raise UsageError(
+                f"--ckpt_path {ckpt_path} is a weights file (weights only: no optimizer or loop state to resume);"
+                f" start a new run from it with --model.init_weights {ckpt_path}"
+            )
+        meta = read_weights_metadata(read_path, "--ckpt_path")  # one line if unusable (WeightsFileError)
+        class_path, hparams, noun = canonical_class_path(meta["class_path"]), dict(meta["hparams"]), "weights file"
+        training_masks = json.loads(meta.get("training_masks") or "{}")
+    else:
+        try:
+            ckpt = read_checkpoint(read_path, "--ckpt_path")
+        except CheckpointKindError as err:
+            if ckpt_path == "last":  # fit: reported with the run directory, and what to resume from instead
+                return None
+            raise UsageError(str(err)) from None
+        class_path, noun = checkpoint_class_path(ckpt), "checkpoint"
+        hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k not in ("_class_path", "_instantiator")}
+        training_masks = (ckpt.get("datamodule_hyper_parameters") or {}).get("masks") or {}
+    hparams["_generates"] = spec_weights(training_masks).get("full", 0) > 0  # trained with nothing observed too
     kind = describe_kind(class_path)
     if command in ("predict", "evaluate") and class_path != DIFFUSION_CLASS_PATH:
         swapped = " (--ckpt_path and --classifier_ckpt swapped?)" if command == "evaluate" and class_path == CLASSIFIER_CLASS_PATH else ""
         raise UsageError(
-            f"--ckpt_path {ckpt_path} is {kind} checkpoint; {command} needs a diffusion model checkpoint"
+            f"--ckpt_path {ckpt_path} is {kind} {noun}; {command} needs a diffusion model {noun}"
             f" ({DIFFUSION_CLASS_PATH}){swapped}"
         )
-    if not class_path or not (ckpt.get("hyper_parameters") or {}).get("_class_path"):
+    if noun == "checkpoint" and (not class_path or not (ckpt.get("hyper_parameters") or {}).get("_class_path")):
         return None  # not saved by the celldiff CLI: Lightning loads it into the configured model as it is
-    hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k not in ("_class_path", "_instantiator")}
     run_config = Path(str(read_path)).resolve().parent.parent / "config.yaml"
-    own_config = f" ({run_config})" if run_config.is_file() else ""
+    own_config = f" ({run_config})" if run_config.is_file() and noun == "checkpoint" else ""
     _check_against_config(cfg, sub, command, str(ckpt_path), class_path, hparams, own_config)
     model_cls = _import(class_path)
     keys = getattr(model_cls, "CHECKPOINT_ARCH_KEYS", ())
@@ -166,11 +193,11 @@ def _check_against_config(
         if sub == "fit":
             ok, needs = data.get("masks") is not None, "data.masks (the masks it trains on)"
         elif sub == "predict":
-            ok = data.get("predict_images") is not None or (
-                data.get("predict_source", "noise") != "noise"
-                and (data.get("eval_masks") is not None or data.get("masks") is not None)
-            )
-            needs = "data.predict_source test with data.masks or data.eval_masks, or --data.predict_images"
+            from_noise = data.get("predict_source", "noise") == "noise"
+            ok = data.get("predict_images") is not None or (hparams["_generates"] if from_noise else (
+                data.get("eval_masks") is not None or data.get("masks") is not None))  # fmt: skip
+            needs = ("data.predict_source test with data.masks or data.eval_masks, or --data.predict_images (it was"
+                     " not trained with the 'full' mask family, so it cannot generate from noise)")  # fmt: skip
         else:
             ok, needs = data.get("eval_masks") is not None or data.get("masks") is not None, "data.masks or data.eval_masks"
         if not ok:
@@ -181,14 +208,67 @@ def _check_against_config(
             )
 
 
-def _data_classes(cfg: Namespace, command: str, ckpt_path: str, trained: list[str]) -> list[str] | None:
+def _init_weights_update(cfg: Namespace, command: str) -> dict[str, Any] | None:
+    """fit ``--model.init_weights FILE``: the file must hold the config's kind and architecture; it brings its classes."""
+    init_args = (cfg.get("model") or Namespace()).get("init_args") or Namespace()
+    path = init_args.get("init_weights")
+    if not path:
+        return None
+    meta = read_init_weights_metadata(path)  # one line if unusable (WeightsFileError)
+    class_path, hparams = canonical_class_path(meta["class_path"]), meta["hparams"]
+    config_class = canonical_class_path(class_path_of(cfg.get("model"))) or DIFFUSION_CLASS_PATH
+    if class_path != config_class:
+        raise UsageError(
+            f"--model.init_weights {path} holds {describe_kind(class_path)}, but the config trains {describe_kind(config_class)}"
+        )
+    config = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args)
+    mismatch = check_fits(hparams, config, class_path)
+    if mismatch:
+        raise UsageError(
+            f"--model.init_weights {path} does not fit the config ({mismatch_line(mismatch, hparams, config)});"
+            " fine-tuning keeps the file's architecture: set these as the file has them"
+        )
+    if not is_child_rank():
+        step = f" of step {meta['global_step']}" if meta.get("global_step") else ""
+        print(f"celldiff: fit starts from {path} ({meta.get('weights', '')} weights{step})", file=sys.stderr)
+    trained = hparams.get("class_names")
+    if trained and (class_path == CLASSIFIER_CLASS_PATH or hparams.get("class_conditional")):
+        classes = _data_classes(cfg, command, str(path), [str(c) for c in trained], "--model.init_weights")
+        if classes is not None:
+            return {"data": {"classes": classes}}
+    return None
+
+
+@contextlib.contextmanager
+def torch_readable_ckpt_path(cfg: Namespace, model: L.LightningModule) -> Iterator[None]:
+    """evaluate of a weights file: ``cfg.ckpt_path`` names a temporary checkpoint of the loaded model meanwhile.
+
+    ``celldiff.cli.evaluate`` loads ``cfg.ckpt_path`` with ``torch.load(weights_only=True)``; the model
+    already holds the weights file's weights (loaded by the CLI), so their state dict goes to a temporary
+    ``.ckpt`` for it, removed afterwards. (A bridge until evaluate loads weights files itself.)
+    """
+    path = cfg.get("ckpt_path")
+    if not path or not is_weights_file(path):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="celldiff-weights-") as tmp:
+        bridge = Path(tmp) / f"{Path(path).stem}.ckpt"
+        torch.save({"state_dict": model.state_dict()}, bridge)
+        cfg.ckpt_path = str(bridge)
+        try:
+            yield
+        finally:
+            cfg.ckpt_path = path
+
+
+def _data_classes(cfg: Namespace, command: str, ckpt_path: str, trained: list[str], option: str = "--ckpt_path") -> list[str] | None:
     """``data.classes`` for a checkpoint trained on ``trained``: None to keep the config's (it matches)."""
     listing, given = ", ".join(trained), cfg.data.get("classes")
     if given is not None:
         if sorted({str(c) for c in given}) != sorted(trained):
             tip = "; to generate only some of them, name them in --classes" if command == "predict" else ""
             raise UsageError(
-                f"--ckpt_path {ckpt_path} was trained on the classes {listing} (its labels mean these), but"
+                f"{option} {ckpt_path} was trained on the classes {listing} (its labels mean these), but"
                 f" data.classes is {', '.join(map(str, given))}; drop --data.classes: the checkpoint brings its"
                 f" classes{tip}"
             )
@@ -203,7 +283,7 @@ def _data_classes(cfg: Namespace, command: str, ckpt_path: str, trained: list[st
     missing = [c for c in trained if available is not None and c not in available]
     if missing:
         raise UsageError(
-            f"--ckpt_path {ckpt_path} was trained on the classes {listing}, but data_dir {cfg.data.data_dir}"
+            f"{option} {ckpt_path} was trained on the classes {listing}, but data_dir {cfg.data.data_dir}"
             f" has no {', '.join(missing)} (it has {', '.join(available or [])})"
         )
     return trained if available != trained else None  # e.g. trained on a subset: read the data with its classes

@@ -2,8 +2,10 @@
 
 Every run gets its own directory (``celldiff.cli.rundirs``). ``celldiff fit --config X --ckpt_path last``
 resumes the newest run of config X (or the one named by ``--run_dir``); ``celldiff evaluate`` is the
-``test`` parser followed by ``celldiff.cli.evaluate``. Errors in the user's input are one line each,
-with an exit code per kind (``main``).
+``test`` parser followed by ``celldiff.cli.evaluate``. ``--ckpt_path NAME.safetensors`` (a weights file,
+``celldiff.training.weights``) loads its weights into the model the config builds; ``celldiff export``
+(``celldiff.cli.export``) writes one and ``celldiff app`` starts the browser app (``celldiff.app``), both
+outside LightningCLI. Errors in the user's input are one line each, with an exit code per kind (``main``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from celldiff.cli.checkpoints import (
     CheckpointWriteError,
     check_resumable,
     checkpoint_update,
+    torch_readable_ckpt_path,
 )
 from celldiff.cli.evaluate import check_evaluate_args, run_evaluate
 from celldiff.cli.loggers import default_logger_save_dir, has_wandb, patch_loggers
@@ -60,6 +63,7 @@ from celldiff.training.callbacks import RNGState, SaveSplit, Throughput
 from celldiff.training.module import FP16_TRUE_MESSAGE
 from celldiff.training.prediction import PredictionWriter
 from celldiff.training.stopping import STOP, GracefulStop, SaveOnSigterm
+from celldiff.training.weights import is_weights_file, load_into_module
 
 NUM_SAMPLES_HELP = (
     "predict from noise: images to generate (with --classes: per class); evaluate: images to generate and"
@@ -231,6 +235,9 @@ class CellDiffCLI(LightningCLI):
             raise UsageError(f"invalid configuration: {str(err).strip().splitlines()[0]}") from None
         except (ValueError, TypeError) as err:
             raise invalid_configuration(err) from None
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path and is_weights_file(ckpt_path):  # a weights file: loaded here, never by Lightning (torch.load)
+            load_into_module(self.model, ckpt_path, "--ckpt_path")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config_init[self.subcommand]
@@ -249,10 +256,18 @@ class CellDiffCLI(LightningCLI):
         return trainer
 
     # ------------------------------------------------------------------ running
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") and is_weights_file(kwargs["ckpt_path"]):
+            kwargs["ckpt_path"] = None  # its weights are in the model already (instantiate_classes)
+        return kwargs
+
     def _run_subcommand(self, subcommand: str) -> None:
         if not self.evaluate_mode:
             return super()._run_subcommand(subcommand)
-        run_evaluate(self.model, self.datamodule, self.trainer, self.config_init[subcommand])
+        cfg = self.config_init[subcommand]
+        with torch_readable_ckpt_path(cfg, self.model):
+            run_evaluate(self.model, self.datamodule, self.trainer, cfg)
 
     def after_predict(self) -> None:
         problems = getattr(self.datamodule, "predict_problems", [])
@@ -302,12 +317,19 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``celldiff`` console script (and of ``python -m celldiff.cli``).
 
     Exit codes: 0 done; 1 some inputs failed (the rest written) or a checkpoint could not be written;
-    2 a usage or data error; 3 a non-finite loss; 130 / 143 stopped by Ctrl-C / SIGTERM.
+    2 a usage or data error; 3 a non-finite loss; 130 / 143 stopped by Ctrl-C / SIGTERM. ``export`` and
+    ``app`` run outside LightningCLI (``celldiff.cli.export``, ``celldiff.app``).
     """
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in ("export", "app"):
+        code = _run_tool(args[0], args[1:])
+        if code:
+            sys.exit(code)
+        return
     torch.set_float32_matmul_precision("high")
     # main() always hands LightningCLI the (adjusted) command line, which it warns about.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    args = join_negative_numbers(default_logger_save_dir(sys.argv[1:] if args is None else args, RUNS_ROOT))
+    args = join_negative_numbers(default_logger_save_dir(args, RUNS_ROOT))
     evaluate = bool(args) and args[0] == "evaluate"
     if evaluate:  # the test subcommand's parser, then celldiff.cli.evaluate instead of trainer.test
         args = ["test", *args[1:]]
@@ -335,6 +357,21 @@ def main(args: list[str] | None = None) -> None:
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run_tool(name: str, args: list[str]) -> int:
+    """``celldiff export`` / ``celldiff app``: their own argument parsers, imported only when asked for."""
+    if name == "export":
+        from celldiff.cli.export import main as export_main
+
+        return export_main(args)
+    try:
+        from celldiff.app import main as app_main
+    except ImportError as err:  # the app's packages are an extra (or the app is not in this installation)
+        missing = f" (no module named {err.name!r})" if getattr(err, "name", None) else ""
+        print(f"celldiff: error: celldiff app needs the app extra: pip install 'celldiff[app]'{missing}", file=sys.stderr)
+        return 2
+    return int(app_main(args) or 0)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,13 @@ from lightning.pytorch.cli import LightningArgumentParser
 from celldiff.errors import UsageError
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "evaluate")
+TOOLS = ("export", "app")  # commands main() runs outside LightningCLI, each with its own --help
 SEED_LIMIT = 2**32  # numpy's seeds are 32-bit unsigned
 EVALUATE_HELP = "Generate samples and measure them against the test split (FID, KID, classifier metrics)."
+TOOL_HELP = {
+    "export": "Write a checkpoint's weights as weights/NAME.safetensors (fp16, hyperparameters in its metadata).",
+    "app": "Start the browser app on a model (needs the app extra: pip install 'celldiff[app]').",
+}
 
 
 def condense_parser_error(message: str) -> str:
@@ -35,7 +40,7 @@ def condense_parser_error(message: str) -> str:
         return message
     invalid = re.search(r"invalid choice: '([^']*)' \(choose from 'fit'", message)
     if invalid or ("subcommand" in message and "not provided" in message):
-        return f"{f'unknown command {invalid.group(1)!r}' if invalid else 'no command given'}; expected one of {', '.join(SUBCOMMANDS)}"
+        return f"{f'unknown command {invalid.group(1)!r}' if invalid else 'no command given'}; expected one of {', '.join(SUBCOMMANDS + TOOLS)}"
     given = re.search(r"^\s*Given value: (.*)$", message, re.M)
     literals: list[str] = []
     for values in re.findall(r"Literal\[([^\]]*)\]", message):
@@ -79,11 +84,13 @@ class CellDiffArgumentParser(LightningArgumentParser):
 
 
 def list_evaluate_in_help(parser: LightningArgumentParser) -> None:
-    """``celldiff evaluate`` is ``test``'s parser run by main(): list it in --help like the others."""
+    """``celldiff evaluate`` is ``test``'s parser run by main(), ``export`` and ``app`` are main()'s own: list them in --help."""
     action = getattr(parser, "_subcommands_action", None)
     if action is not None:
         action.metavar = "{" + ",".join(SUBCOMMANDS) + "}"
-        action._choices_actions.append(argparse._SubParsersAction._ChoicesPseudoAction("evaluate", (), EVALUATE_HELP))
+        pseudo = argparse._SubParsersAction._ChoicesPseudoAction
+        action._choices_actions.append(pseudo("evaluate", (), EVALUATE_HELP))
+        action._choices_actions += [pseudo(name, (), TOOL_HELP[name]) for name in TOOLS]
 
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")

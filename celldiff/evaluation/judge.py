@@ -1,9 +1,10 @@
 """The judge of generated cells: the trained cell classifier, loaded as a network, and how it sees cells.
 
 A classifier checkpoint (trained by ``celldiff.training.classifier.CellClassifier``) is read with
-``torch.load(weights_only=True)`` and its weights go into a ``celldiff.nets.classifier.CellResNet``:
-no Lightning module is built and no code is unpickled. The judge then gives features (N, D) for the
-distances of ``celldiff.evaluation.distances`` and class probabilities for ``classifier_report``.
+``torch.load(weights_only=True)``, or its weights file (``celldiff export``) with safetensors, and its
+weights go into a ``celldiff.nets.classifier.CellResNet``: no Lightning module is built and no code is
+unpickled. The judge then gives features (N, D) for the distances of ``celldiff.evaluation.distances``
+and class probabilities for ``classifier_report``.
 
 Checkpoint kinds live here too (``read_checkpoint``, ``checkpoint_class_path``): the CLI refuses a
 checkpoint of the wrong kind with one line before building anything.
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from celldiff.images import to_model_range
 from celldiff.nets.classifier import CellResNet, nest_flat_keys
+from celldiff.nets.weightsfile import WeightsFileError, is_weights_file, read_tensors, read_weights_metadata
 
 # The class path each kind is reported and compared under, and the older names of the same class: configs
 # and checkpoints written before the redesign name the deprecated shims (celldiff.module, celldiff.classifier).
@@ -136,33 +138,57 @@ class Judge(nn.Module):
 
 
 def load_judge(path: str | Path, map_location: str | torch.device = "cpu", option: str = "--classifier_ckpt") -> Judge:
-    """Load a trained cell classifier checkpoint as a frozen ``Judge``: eval mode, ``requires_grad`` False.
+    """Load a trained cell classifier as a frozen ``Judge``: eval mode, ``requires_grad`` False.
 
-    Read with ``weights_only=True`` (no code is unpickled); checkpoints from before the redesign
-    (network keys at the top level) load too. A file that is not a cell classifier checkpoint (e.g.
-    a diffusion model's), or whose weights do not fit its hyperparameters, raises
-    ``CheckpointKindError`` with one line naming it.
+    ``path`` is a checkpoint, read with ``weights_only=True`` (checkpoints from before the redesign, with
+    the network keys at the top level, load too), or a weights file (``celldiff export``, safetensors):
+    no code is unpickled. A file that is not a cell classifier's (e.g. a diffusion model's), is not
+    readable, or whose weights do not fit its hyperparameters raises ``CheckpointKindError`` with one
+    line naming it.
     """
-    ckpt = read_checkpoint(path, option)
-    class_path = checkpoint_class_path(ckpt)
-    if class_path != CLASSIFIER_CLASS_PATH:
-        hint = " (--ckpt_path and --classifier_ckpt swapped?)" if class_path == DIFFUSION_CLASS_PATH else ""
-        raise CheckpointKindError(
-            f"{option} {path} is {describe_kind(class_path)} checkpoint; expected a cell classifier "
-            f"({CLASSIFIER_CLASS_PATH}, trained with celldiff fit --config configs/classifier.yaml){hint}"
-        )
-    hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    state = dict(ckpt["state_dict"])
-    nest_flat_keys(state)
+    hparams, state = _weights_file_parts(path, option) if is_weights_file(path) else _checkpoint_parts(path, option)
     try:
         net = CellResNet(**{k: hparams[k] for k in ("num_classes", "width", "feature_dim", "dropout") if k in hparams})
-        net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+        net.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise CheckpointKindError(f"{option} {path}: its weights do not fit a cell classifier ({first})") from None
     hparams = {"image_size": DEFAULT_JUDGE_SIZE, "class_names": None, **hparams, "num_classes": net.head.out_features}
     judge = Judge(net, hparams).to(map_location)
     return judge.eval().requires_grad_(False)
+
+
+def _not_a_classifier(path: str | Path, option: str, class_path: str | None, noun: str) -> CheckpointKindError:
+    hint = " (--ckpt_path and --classifier_ckpt swapped?)" if class_path == DIFFUSION_CLASS_PATH else ""
+    return CheckpointKindError(
+        f"{option} {path} is {describe_kind(class_path)} {noun}; expected a cell classifier "
+        f"({CLASSIFIER_CLASS_PATH}, trained with celldiff fit --config configs/classifier.yaml){hint}"
+    )
+
+
+def _checkpoint_parts(path: str | Path, option: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A classifier checkpoint's hyperparameters and its network's state dict (keys without ``net.``)."""
+    ckpt = read_checkpoint(path, option)
+    class_path = checkpoint_class_path(ckpt)
+    if class_path != CLASSIFIER_CLASS_PATH:
+        raise _not_a_classifier(path, option, class_path, "checkpoint")
+    hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    state = dict(ckpt["state_dict"])
+    nest_flat_keys(state)
+    return hparams, {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
+def _weights_file_parts(path: str | Path, option: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A classifier weights file's hyperparameters and its network's state dict in float32 (safetensors only)."""
+    try:
+        meta = read_weights_metadata(path, option)
+        class_path = canonical_class_path(meta["class_path"])
+        if class_path != CLASSIFIER_CLASS_PATH:
+            raise _not_a_classifier(path, option, class_path, "weights file")
+        tensors = read_tensors(path, option)
+    except WeightsFileError as err:
+        raise CheckpointKindError(str(err)) from None
+    return meta["hparams"], {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------- how it sees cells

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from celldiff.nets.classifier import CellResNet, nest_flat_keys
 from celldiff.training.optim import adamw_with_warmup
+from celldiff.training.weights import init_weights_for_fit
 
 
 class CellClassifier(L.LightningModule):
@@ -36,6 +37,7 @@ class CellClassifier(L.LightningModule):
         weight_decay: AdamW weight decay (not on norms and biases).
         warmup_steps: Linear learning-rate warm-up steps, then cosine decay to 0.
         label_smoothing: Label smoothing of the cross-entropy.
+        init_weights: fit: start from a classifier's weights file (``celldiff export``).
     """
 
     # Hyperparameters that fix the parameter shapes: the CLI takes them from a checkpoint.
@@ -53,6 +55,7 @@ class CellClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         warmup_steps: int = 100,
         label_smoothing: float = 0.0,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -73,6 +76,9 @@ class CellClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_class_acc = MulticlassAccuracy(num_classes, average=None)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    def setup(self, stage: str) -> None:
+        init_weights_for_fit(self, stage)  # --model.init_weights (fit only; a resumed checkpoint overrides it)
 
     # ------------------------------------------------------------------ network
     def features(self, x: Tensor) -> Tensor:

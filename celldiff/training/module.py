@@ -30,6 +30,7 @@ from celldiff.seeds import generators_from_seeds, mix_seed
 from celldiff.training.ema import EMA, keep_float32
 from celldiff.training.nonfinite import NONFINITE_POLICIES, NonFiniteGuard
 from celldiff.training.optim import LR_SCHEDULES, adamw_with_warmup
+from celldiff.training.weights import init_weights_for_fit
 
 # Pure float16 weights train to NaN in one AdamW step: its eps (1e-8) and most squared gradients
 # underflow to 0 in float16 (0 / 0), and *-true has no loss scaler. Inference in 16-true works.
@@ -97,8 +98,7 @@ class DiffusionModule(L.LightningModule):
     Args:
         image_size: Side of the square training images (linked from ``data.image_size``).
         image_channels: Channels of the images: 3 (RGB), the only value (configs and checkpoints name it).
-        num_classes: Number of cell classes in the data (linked from the data module). Only used
-            when ``class_conditional`` is true.
+        num_classes: Number of cell classes in the data (linked from the data module); used if ``class_conditional``.
         class_names: Names of the classes (linked from the data module); used in file names.
         class_conditional: Condition the U-Net on the class label with a learned embedding added
             to the timestep embedding (Phase 3).
@@ -123,8 +123,7 @@ class DiffusionModule(L.LightningModule):
         inpainting: Phase 2: the U-Net also sees the masked image and the mask (``cat(x_t, masked_image,
             mask)``, 7 channels); batches must carry masks (``data.masks``). Any model inpaints by
             replacement at sampling when the batch has a mask; this one is trained for it.
-        mask_loss_weight: Inpainting: weight of the squared error inside the mask relative to
-            outside (1 = plain MSE over the whole image; e.g. 10 stresses the missing region).
+        mask_loss_weight: Inpainting: weight of the squared error inside the mask relative to outside (1: plain MSE).
         loss_on_mask_only: Inpainting: compute the loss inside the mask only.
         resample_jump: RePaint jump length (reverse steps) when inpainting at sampling.
         resample_times: RePaint resamplings per jump (1 = plain replacement).
@@ -140,8 +139,7 @@ class DiffusionModule(L.LightningModule):
         ema_start_step: Optimizer steps before the EMA starts averaging (until then it copies).
         sampler: A name of ``celldiff.diffusion.samplers.SAMPLERS``: ``ddpm`` (ancestral, Ho et al.
             Alg. 2), ``ddim`` (Song et al.) or ``dpmsolver`` (DPM-Solver++ 2M, Lu et al. 2022).
-        sampling_steps: Reverse steps; ``None`` means the sampler's default (T for ``ddpm``, 50 for
-            ``ddim``, 20 for ``dpmsolver``).
+        sampling_steps: Reverse steps; ``None``: the sampler's default (T for ddpm, 50 for ddim, 20 for dpmsolver).
         sampling_spacing: Timesteps the reverse steps visit: ``uniform``, ``leading``, ``trailing`` or
             ``logsnr``; ``None`` means the sampler's default (``logsnr`` for ``dpmsolver``, else ``uniform``).
         ddim_eta: DDIM stochasticity (0 = deterministic).
@@ -153,6 +151,7 @@ class DiffusionModule(L.LightningModule):
             ``skip`` skips that step (or micro-batch) on every rank (one sync per step), ``ignore`` trains on.
         channels_last: Run the U-Net in channels-last memory format (faster convolutions on GPUs).
         compile: ``torch.compile`` the U-Net for training (the first steps are slow while it compiles).
+        init_weights: fit: start from a weights file (``celldiff export``): its weights in ``unet`` and ``ema_unet``.
     """
 
     # Hyperparameters that fix the parameter shapes and the diffusion process: the CLI takes them
@@ -206,6 +205,7 @@ class DiffusionModule(L.LightningModule):
         nonfinite_loss: str = "error",
         channels_last: bool = False,
         compile: bool = False,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -229,6 +229,7 @@ class DiffusionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None and str(self.trainer.precision) == "16-true":
             raise UnsupportedPrecisionError(FP16_TRUE_MESSAGE)
+        init_weights_for_fit(self, stage)  # --model.init_weights (fit only; a resumed checkpoint overrides it)
         if self.hparams.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.ema_unet.to(memory_format=torch.channels_last)

@@ -34,6 +34,7 @@ def kinds(tmp_path_factory):
     runs = {
         "uncond": [DEMO, "--data.batch_size", "16", *TINY_MODEL_ARGS],
         "inpaint": [INPAINT, "--data.batch_size", "16", *TINY_MODEL_ARGS],
+        "inpaint_full": [INPAINT, "--data.batch_size", "16", "--data.masks", "{box: 1, full: 1}", *TINY_MODEL_ARGS],
         "two_classes": [PHASE3, "--data.batch_size", "8", "--data.classes", "[eosinophil, platelet]", *TINY_MODEL_ARGS],
         "classifier": [str(CONFIGS / "demo_classifier.yaml"), "--data.batch_size", "16", "--data.image_size", "16",
                        "--model.width", "4", "--model.feature_dim", "16"],
@@ -143,6 +144,21 @@ def test_an_inpainting_checkpoint_without_masks_is_one_line(kinds, tmp_path, cap
     test = ["test", "--config", DEMO, "--data.data_dir", str(kinds.data), "--ckpt_path", str(kinds.inpaint),
             "--run_dir", str(tmp_path / "t"), *QUIET]  # fmt: skip
     assert "data.eval_masks" in one_line_exit_2(test, tmp_path, capsys)
+
+
+def test_an_inpainting_model_trained_with_full_masks_generates_from_noise(kinds, tmp_path):
+    """One model, four tasks: the 'full' family in its training mixture lets predict generate from noise."""
+    run_cli(predict(kinds, kinds.inpaint_full, tmp_path / "out", "--seed", "3"), tmp_path)
+    images = _images(tmp_path / "out")
+    assert len(images) == 2 and all(image.shape[-1] == 3 for image in images.values())
+    from celldiff.training.weights import export_weights, read_weights_metadata
+
+    export_weights(kinds.inpaint_full, tmp_path / "full.safetensors")
+    assert json.loads(read_weights_metadata(tmp_path / "full.safetensors")["training_masks"]) == {"box": 1.0, "full": 1.0}
+    run_cli(predict(kinds, tmp_path / "full.safetensors", tmp_path / "out2", "--seed", "3"), tmp_path)
+    again = _images(tmp_path / "out2")
+    assert again.keys() == images.keys()
+    assert all(np.abs(again[k].astype(int) - images[k].astype(int)).max() <= 2 for k in images)  # fp16 weights
 
 
 # ---------------------------------------------------------------------------------------------- resume
