@@ -409,3 +409,37 @@ def real_floors(real_feats: Tensor | np.ndarray, n: int, reference_n: int, seed:
         "kernel_distance_floor_n": kernel_n,
         "kernel_distance_floor_reference_n": len(real_feats) - kernel_n,
     }
+
+
+# ----------------------------------------------------------------------------------- class mix
+def class_fractions(labels: Tensor | np.ndarray, num_classes: int) -> np.ndarray:
+    """Fraction of each class among integer ``labels`` (N,) -> (num_classes,) float64 summing to 1."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).ravel(), minlength=num_classes)[:num_classes]
+    return counts / max(int(counts.sum()), 1)
+
+
+def class_mix_error(
+    fake_predicted: Tensor | np.ndarray, real_predicted: Tensor | np.ndarray, num_classes: int, seed: int = 0
+) -> dict[str, Any]:
+    """How far the class mix of generated cells is from the data's: total variation between class fractions.
+
+    Both sides are the judge's *predicted* classes (generated cells have no true class; using the judge's
+    labels on the real cells too cancels its own confusions to first order). TV = ½ Σ_c |p_c - q_c|, in
+    [0, 1]: the fraction of generated cells that would have to change class to match the data. The floor
+    is the TV of n real cells (n = the generated count, drawn without replacement when n < N, with
+    replacement otherwise) against all N, averaged over ``FLOOR_DRAWS`` draws: what sampling noise alone gives.
+
+    Args:
+        fake_predicted: (n,) judge labels of the generated cells. real_predicted: (N,) judge labels of the
+            real test cells. num_classes: C. seed: Seed of the floor's draws.
+
+    Returns:
+        ``total_variation``, ``total_variation_floor``, ``generated_fractions`` and ``real_fractions`` (lists of C).
+    """
+    fake, real = np.asarray(fake_predicted).ravel(), np.asarray(real_predicted).ravel()
+    p, q = class_fractions(fake, num_classes), class_fractions(real, num_classes)
+    rng = np.random.default_rng(seed)
+    draws = [rng.choice(real, size=len(fake), replace=len(fake) >= len(real)) for _ in range(FLOOR_DRAWS)]
+    floor = float(np.mean([0.5 * np.abs(class_fractions(d, num_classes) - q).sum() for d in draws]))
+    return {"total_variation": float(0.5 * np.abs(p - q).sum()), "total_variation_floor": floor,
+            "generated_fractions": p.tolist(), "real_fractions": q.tolist()}  # fmt: skip

@@ -209,3 +209,20 @@ def test_compare_sets_and_real_floors_are_the_figures_of_one_comparison():
     assert MIN_SET == 4  # precision/recall with k = 3 need more than 3 points per set
     with pytest.raises(ValueError, match="more than k=3"):
         compare_sets(real, fake[:3])
+
+
+def test_class_mix_error_is_the_total_variation_with_a_sampling_floor() -> None:
+    from celldiff.evaluation.distances import class_fractions, class_mix_error
+
+    assert class_fractions([0, 0, 1, 3], 4).tolist() == [0.5, 0.25, 0.0, 0.25]
+    real = np.repeat(np.arange(4), [40, 30, 20, 10])  # fractions 0.4 0.3 0.2 0.1
+    same = class_mix_error(real.copy(), real, 4)
+    assert same["total_variation"] == 0.0 and same["real_fractions"] == [0.4, 0.3, 0.2, 0.1]
+    one_class = class_mix_error(np.zeros(50, dtype=int), real, 4)  # all class 0: 0.6 of the mass must move
+    assert one_class["total_variation"] == pytest.approx(0.6)
+    swapped = class_mix_error(np.repeat(np.arange(4), [10, 20, 30, 40]), real, 4)
+    assert swapped["total_variation"] == pytest.approx(0.5 * (0.3 + 0.1 + 0.1 + 0.3))
+    # The floor: n real cells against all of them; it shrinks with n and is 0 when n = N without replacement.
+    small, large = class_mix_error(real[:10], real, 4, seed=1), class_mix_error(real[:90], real, 4, seed=1)
+    assert 0 < large["total_variation_floor"] < small["total_variation_floor"] < 0.5
+    assert class_mix_error(real[:99], real, 4)["total_variation_floor"] < 0.02
