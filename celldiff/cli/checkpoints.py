@@ -16,10 +16,8 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,28 +235,6 @@ def _init_weights_update(cfg: Namespace, command: str) -> dict[str, Any] | None:
         if classes is not None:
             return {"data": {"classes": classes}}
     return None
-
-
-@contextlib.contextmanager
-def torch_readable_ckpt_path(cfg: Namespace, model: L.LightningModule) -> Iterator[None]:
-    """evaluate of a weights file: ``cfg.ckpt_path`` names a temporary checkpoint of the loaded model meanwhile.
-
-    ``celldiff.cli.evaluate`` loads ``cfg.ckpt_path`` with ``torch.load(weights_only=True)``; the model
-    already holds the weights file's weights (loaded by the CLI), so their state dict goes to a temporary
-    ``.ckpt`` for it, removed afterwards. (A bridge until evaluate loads weights files itself.)
-    """
-    path = cfg.get("ckpt_path")
-    if not path or not is_weights_file(path):
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="celldiff-weights-") as tmp:
-        bridge = Path(tmp) / f"{Path(path).stem}.ckpt"
-        torch.save({"state_dict": model.state_dict()}, bridge)
-        cfg.ckpt_path = str(bridge)
-        try:
-            yield
-        finally:
-            cfg.ckpt_path = path
 
 
 def _data_classes(cfg: Namespace, command: str, ckpt_path: str, trained: list[str], option: str = "--ckpt_path") -> list[str] | None:

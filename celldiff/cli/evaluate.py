@@ -22,6 +22,7 @@ from celldiff.evaluation.baselines import FillBaseline
 from celldiff.evaluation.inputs import DEFAULT_NUM_SAMPLES, EvaluationInputError, check_evaluation_inputs
 from celldiff.evaluation.judge import CheckpointKindError, load_judge
 from celldiff.evaluation.run import run_evaluation
+from celldiff.training.weights import load_into_module
 
 
 def check_evaluate_args(cfg: Namespace) -> None:
@@ -89,8 +90,7 @@ def _evaluate(
         measured: Any = FillBaseline(cfg.baseline, datamodule.image_size)
     else:
         # Its kind and readability were checked (weights_only) before: no code is unpickled.
-        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict(state)
+        load_into_module(model, cfg.ckpt_path)  # a checkpoint, or a weights file (NAME.safetensors)
         measured = model
     measured.to(device).eval()
     try:
@@ -112,6 +112,7 @@ def _evaluate(
             loggers=trainer.loggers if strategy.global_rank == 0 else [],
             forward_context=trainer.precision_plugin.forward_context,  # --trainer.precision for the sampling
             network_precision=str(trainer.precision),
+            morphology=bool(cfg.get("morphology")),  # --morphology: nucleus and cell morphology per class
         )
     except EvaluationInputError as err:  # found once the test split is known (before any sampling)
         raise UsageError(str(err)) from None

@@ -30,7 +30,6 @@ from celldiff.cli.checkpoints import (
     CheckpointWriteError,
     check_resumable,
     checkpoint_update,
-    torch_readable_ckpt_path,
 )
 from celldiff.cli.evaluate import check_evaluate_args, run_evaluate
 from celldiff.cli.loggers import default_logger_save_dir, has_wandb, patch_loggers
@@ -139,6 +138,8 @@ class CellDiffCLI(LightningCLI):
             default=None,
             help="evaluate: local AlexNet weights (torchvision's alexnet-owt-7be5be79.pth) for LPIPS; never downloaded.",
         )
+        parser.add_argument("--morphology", type=bool, default=False,
+                            help="evaluate: also compare nucleus and cell morphology per class, real vs generated (docs/morphology.md).")  # fmt: skip
         # predict's files: --prediction.nrow, --prediction.max_grid_panels (grid.png)
         parser.add_class_arguments(PredictionWriter, "prediction", skip={"output_dir"}, instantiate=False)
         parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
@@ -265,9 +266,7 @@ class CellDiffCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if not self.evaluate_mode:
             return super()._run_subcommand(subcommand)
-        cfg = self.config_init[subcommand]
-        with torch_readable_ckpt_path(cfg, self.model):
-            run_evaluate(self.model, self.datamodule, self.trainer, cfg)
+        run_evaluate(self.model, self.datamodule, self.trainer, self.config_init[subcommand])
 
     def after_predict(self) -> None:
         problems = getattr(self.datamodule, "predict_problems", [])

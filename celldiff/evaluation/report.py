@@ -1,6 +1,8 @@
 """The evaluation report: ``metrics.json``, ``metrics.md`` (a Markdown table per section) and W&B tables.
 
-``write_report`` takes the metrics dict of ``celldiff.evaluation.run.run_evaluation``. Adding a
+``write_report`` takes the metrics dict of ``celldiff.evaluation.run.run_evaluation`` (with
+``evaluate --morphology``, a morphology section: ``celldiff.evaluation.morphology``; its table and
+heatmap also serve a study across runs: ``morphology_markdown``, ``morphology_figure``). Adding a
 metric: compute it in ``celldiff.evaluation.distances`` and give it a row here (``_FIDELITY_KEYS``
 for a scalar, the per-family columns for an inpainting comparison).
 """
@@ -10,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
+
+from celldiff.evaluation.morphology import FEATURES
 
 SMALL_N_NOTE = (
     "Fréchet distances are biased upwards at small n (Chong & Forsyth 2020): compare them only at equal n, "
@@ -118,6 +122,90 @@ def _floor_text(metrics: dict[str, Any]) -> str:
     return text
 
 
+def _morphology_text(section: dict[str, Any]) -> str:
+    """The morphology section of metrics.md: per group (all, or a mask family) failures, then W1 per feature."""
+    text = [
+        "## Morphology (nucleus and cell, per class)\n\n"
+        f"Generated cells are grouped by {section['grouping']}; {section['comparison']}. Each cell: Wasserstein-1 "
+        "distance between the real and generated values of the feature over the real cells' standard deviation, "
+        "its floor in brackets (about what a perfect generator scores at these sizes; 0 is unreachable). "
+        f"Segmentation and features: {section['method']}.\n"
+    ]
+    for group in section["groups"]:
+        columns = ["class", "n_real", "n_generated", "failed_real", "failed_generated", "mean_normalised_w1", "mean_floor"]
+        classes = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+                   for row in group["classes"]]  # fmt: skip
+        text.append(f"### {group['group']}\n\n" + markdown_table(classes, columns) + "\n"
+                    + morphology_markdown({"": group["rows"]}))  # fmt: skip
+    return "\n".join(text)
+
+
+def _grid(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[str], np.ndarray]:
+    classes = list(dict.fromkeys(r["class"] for r in rows))
+    grid = np.full((len(classes), len(FEATURES)), np.nan)
+    for r in rows:
+        if r.get(key) is not None and r["feature"] in FEATURES:
+            grid[classes.index(r["class"]), FEATURES.index(r["feature"])] = r[key]
+    return classes, grid
+
+
+def morphology_markdown(settings: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One Markdown table per setting (e.g. ``{"guidance 1": rows}``): classes x features, normalised W1 (floor)."""
+    parts = []
+    for setting, rows in settings.items():
+        classes, value = _grid(rows, "normalised_w1")
+        _, floor = _grid(rows, "floor")
+        lines = [f"**{setting}**\n" if setting else "", "| class | " + " | ".join(FEATURES) + " |",
+                 "| --- |" + " --- |" * len(FEATURES)]  # fmt: skip
+        for i, name in enumerate(classes):
+            cells = ["–" if not np.isfinite(v) else f"{v:.2f} ({f:.2f})" if np.isfinite(f) else f"{v:.2f}"
+                     for v, f in zip(value[i], floor[i], strict=True)]  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(line for line in lines if line) + "\n")
+    return "\n".join(parts)
+
+
+def morphology_figure(
+    settings: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, columns: int = 2, vmax: float | None = None
+) -> Path:
+    """Heatmaps of normalised W1 (classes x features), one panel per setting, floors in brackets; saved to ``path``.
+
+    Args:
+        settings: ``{name: morphology_distances rows}`` (e.g. unconditional, guidance 0 / 1 / 2 / 4, inpainting).
+        path: The image file (PNG, PDF, ...).
+        columns: Panels per row.
+        vmax: Top of the shared colour scale (default: the largest value, at least 1).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = {name: (_grid(rows, "normalised_w1"), _grid(rows, "floor")[1]) for name, rows in settings.items()}
+    top = vmax or max([1.0] + [float(np.nanmax(g[0][1])) for g in grids.values() if np.isfinite(g[0][1]).any()])
+    columns = max(1, min(columns, len(grids)))
+    nrows = math.ceil(len(grids) / columns)
+    fig, axes = plt.subplots(nrows, columns, figsize=(7.5 * columns, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(grids) :]:
+        ax.axis("off")
+    for ax, (name, ((classes, value), floor)) in zip(axes.flat, grids.items(), strict=False):
+        image = ax.imshow(value, cmap="magma_r", vmin=0, vmax=top, aspect="auto")
+        for (i, j), v in np.ndenumerate(value):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}\n({floor[i, j]:.2f})", ha="center", va="center", fontsize=6,
+                        color="white" if v > 0.6 * top else "black")  # fmt: skip
+        ax.set_xticks(range(len(FEATURES)), [f.replace("_", " ") for f in FEATURES], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_title(name, fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.03, label="W1 / real std (floor)")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
 def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write ``metrics.json`` and ``metrics.md`` (a Markdown table per section) into ``output_dir``.
 
@@ -125,7 +213,7 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
     (generated images), ``frechet_distance_floor`` and ``frechet_distance_floor_n``, ``num_real``,
     ``precision``, ``recall``, ``feature_space``; optional sections ``classifier``
     (``classifier_report``), ``memorisation`` (``memorisation_report``), ``inception``
-    (``inception_metrics``' dict) or ``inception_skipped`` (its reason).
+    (``inception_metrics``' dict) or ``inception_skipped`` (its reason), ``morphology`` (``run._morphology``).
 
     Returns:
         The paths of metrics.json and metrics.md.
@@ -188,6 +276,9 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
             + ("Fréchet distance, precision and recall: the family's completions against the test cells that were not "
                "inpainted, next to the real-vs-real floor at the same sizes.\n" if "frechet_distance" in inpainting[0] else "")
         )
+
+    if metrics.get("morphology"):
+        sections.append(_morphology_text(metrics["morphology"]))
 
     report = metrics.get("classifier")
     if report:
@@ -264,6 +355,10 @@ def log_to_wandb(metrics: dict[str, Any], loggers: list[Any], grid_path: Path) -
             if rows:
                 columns = list(dict.fromkeys(c for row in rows for c in row))
                 tables[f"eval/{key}"] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        morphology = [{"group": g["group"], **row} for g in (metrics.get("morphology") or {}).get("groups", []) for row in g["rows"]]
+        if morphology:
+            columns = list(dict.fromkeys(c for row in morphology for c in row))
+            tables["eval/morphology"] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in morphology])
         report = metrics.get("classifier")
         if report:
             names = report["class_names"]

@@ -49,6 +49,7 @@ from celldiff.evaluation.judge import (
     predicted_classes,
 )
 from celldiff.evaluation.masked import inpainting_metrics
+from celldiff.evaluation.morphology import FEATURES, failure_summary, morphology_distances, morphology_features
 from celldiff.evaluation.report import INPAINTING_COMPARISONS, log_to_wandb, write_report
 from celldiff.evaluation.sharding import rank_and_world, sharded_map
 from celldiff.images import image_grid, save_png, to_model_range, to_uint8
@@ -225,6 +226,49 @@ def _inpainting_rows(generated: dict[str, Any], per_group: dict[Any, dict[str, f
     return rows
 
 
+def _morphology(real_test: Tensor, real_labels: Tensor, real_train: Tensor, train_labels: np.ndarray,
+                generated: dict[str, Any], fake_classes: Tensor, names: list[str], seed: int) -> dict[str, Any]:  # fmt: skip
+    """The morphology section (docs/morphology.md): per class and feature, normalised W1 and its floor.
+
+    From noise: all generated cells against all real test cells; floor, training cells (a seeded draw of
+    at most 4 x as many as were generated) in place of the generated. Inpainting, per mask family: the
+    completions against the test cells not inpainted; floor, the completed cells' originals in their place.
+    """
+    start = time.perf_counter()
+    real, fake = morphology_features(real_test), morphology_features(generated["images"])
+    real_y, fake_y = real_labels.numpy(), fake_classes.numpy()
+    groups: list[tuple[str, dict[str, Any]]] = []
+    if generated["inpainting"]:
+        family_of, positions = np.array(generated["families"]), np.array(generated["positions"], dtype=np.int64)
+        kept = np.ones(len(real_y), dtype=bool)
+        kept[positions] = False
+        reference = {k: v[kept] for k, v in real.items()}
+        for family in dict.fromkeys(generated["families"]):
+            chosen = family_of == family
+            completed = {k: v[chosen] for k, v in fake.items()}
+            originals = {k: v[positions[chosen]] for k, v in real.items()}
+            args = (reference, real_y[kept], completed, fake_y[chosen], names)
+            groups.append((family, {"args": args, "floor": (originals, real_y[positions[chosen]])}))
+        comparison = ("per mask family, the completed cells against the test cells that were not inpainted; floor: "
+                      "the completed cells' originals in their place")  # fmt: skip
+    else:
+        rows = np.random.default_rng(seed).permutation(len(train_labels))[: 4 * max(len(fake_y), 1)]
+        train = morphology_features(real_train[torch.from_numpy(np.sort(rows))])
+        groups.append(("all", {"args": (real, real_y, fake, fake_y, names), "floor": (train, train_labels[np.sort(rows)])}))
+        comparison = (f"{len(fake_y)} generated cells against the {len(real_y)} real test cells, per class; floor: as many "
+                      f"training cells of the class in their place (drawn from {len(rows)})")  # fmt: skip
+    out = []
+    for name, group in groups:
+        distances = morphology_distances(*group["args"], *group["floor"], seed=seed)
+        out.append({"group": name, "classes": failure_summary(*group["args"], distances), "rows": distances})
+    grouping = ("the real class of the completed cell" if generated["inpainting"] else "the requested class"
+                if generated["conditional"] else "the class the judge gives them")  # fmt: skip
+    print(f"celldiff: morphology of {len(real_y)} real and {len(fake_y)} generated cells in "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr)  # fmt: skip
+    return {"features": list(FEATURES), "grouping": grouping, "comparison": comparison, "groups": out,
+            "method": "docs/morphology.md"}  # fmt: skip
+
+
 def run_evaluation(
     model: Any,
     datamodule: CellDataModule,
@@ -240,6 +284,7 @@ def run_evaluation(
     lpips_weights: str | None = None,
     forward_context: ForwardContext | None = None,
     network_precision: str = "32-true",
+    morphology: bool = False,
 ) -> dict[str, Any]:
     """Generate, measure against the real test split, write metrics.json and metrics.md.
 
@@ -252,7 +297,8 @@ def run_evaluation(
     measures and writes, and returns the metrics (the other ranks return ``{}``).
 
     With a W&B logger among ``loggers``, the scalars go to the run summary and the per-class,
-    per-family and confusion tables become ``wandb.Table``s.
+    per-family and confusion tables become ``wandb.Table``s. ``morphology`` adds the morphological
+    fidelity section (``_morphology``; docs/morphology.md), which segments every real test cell.
     """
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -322,6 +368,10 @@ def run_evaluation(
         metrics["classifier"] = classifier_report(classifier, fake_judged, generated["labels"], names)
     if generated["inpainting"]:
         metrics["inpainting"] = _inpainting_rows(generated, per_group, floors["frechet_distance_floor"], lpips_weights, metrics)
+    if morphology:
+        train_labels = datamodule.cached.labels[datamodule.datasets["train"].indices]
+        metrics["morphology"] = _morphology(real_test, real_labels, real_train, np.asarray(train_labels), generated,
+                                            fake_classes, names, seed)  # fmt: skip
     metrics["memorisation"] = memorisation_report(
         to_model_range(fake).flatten(1), fake_feats, to_model_range(real_train).flatten(1), train_feats,
         to_model_range(real_test).flatten(1), real_feats,
