@@ -186,6 +186,11 @@ def _check_against_config(
             f"--classes {cfg.classes}: the checkpoint {ckpt_path} is unconditional (trained without class labels),"
             " so it cannot generate chosen classes; drop --classes or use a class-conditional (Phase 3) checkpoint"
         )
+    eval_masks = cfg.data.get("eval_masks")
+    if command == "evaluate" and hparams.get("inpainting") and eval_masks and spec_weights(eval_masks).keys() == {"full"}:
+        if not hparams["_generates"]:
+            raise UsageError(f"--data.eval_masks {eval_masks}: the inpainting model {ckpt_path} was not trained with the"
+                             " 'full' mask family (nothing observed), so it cannot be evaluated as a generator")  # fmt: skip
     if hparams.get("inpainting") and command != "evaluate":
         data = cfg.data
         if sub == "fit":

@@ -29,6 +29,19 @@ class EvaluationInputError(ValueError):
     """An evaluation input that cannot work (the CLI reports it as one line, exit code 2)."""
 
 
+def evaluation_mode(hparams: Any, eval_masks: Any, baseline: str | None = None) -> tuple[bool, bool]:
+    """(inpainting, conditional) of an evaluation of a model with ``hparams`` under ``data.eval_masks``.
+
+    ``data.eval_masks full`` alone (nothing observed) evaluates an inpainting model trained with the
+    ``full`` family as a generator; a class-conditional model at ``model.guidance_scale 0`` samples with the
+    null class alone, so it is evaluated as an unconditional generator (its class mix is measured).
+    """
+    only_full = eval_masks is not None and mask_families(eval_masks) == ["full"]
+    inpainting = baseline is not None or ((bool(hparams.inpainting) or eval_masks is not None) and not only_full)
+    conditional = baseline is None and bool(hparams.class_conditional) and float(hparams.get("guidance_scale", 1.0)) != 0
+    return inpainting, conditional
+
+
 def evaluation_families(inpainting: bool, eval_masks: Any) -> list[str]:
     """The mask families an evaluation inpaints with ([] when it generates from noise)."""
     if not inpainting:
@@ -136,9 +149,8 @@ def check_evaluation_inputs(
         raise EvaluationInputError(f"{problem} (--classifier_ckpt {classifier_ckpt})")
     if num_samples is None:
         num_samples = DEFAULT_NUM_SAMPLES
-    inpainting = baseline is not None or bool(model.hparams.inpainting) or datamodule.eval_masks is not None
-    conditional = baseline is None and bool(model.hparams.class_conditional)
     try:
+        inpainting, conditional = evaluation_mode(model.hparams, datamodule.eval_masks, baseline)
         families = evaluation_families(inpainting, datamodule.eval_masks)
     except (ValueError, KeyError) as err:
         raise EvaluationInputError(f"data.eval_masks {datamodule.eval_masks}: {err}") from None

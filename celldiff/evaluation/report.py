@@ -300,6 +300,16 @@ def write_report(metrics: dict[str, Any], output_dir: str | os.PathLike[str]) ->
             + markdown_table(confusion, ["requested \\ predicted", *names])
         )
 
+    mix = metrics.get("class_mix")
+    if mix:
+        rows = [{"class": name, "generated": g, "real": r} for name, g, r in
+                zip(mix["classes"], mix["generated_fractions"], mix["real_fractions"], strict=True)]  # fmt: skip
+        sections.append(
+            "## Class mix (fractions, both as the judge classifies them)\n\n"
+            + f"Total variation {_format(mix['total_variation'])} (floor: {_format(mix['total_variation_floor'])}, "
+            + "as many real test cells against all of them).\n\n" + markdown_table(rows, ["class", "generated", "real"])
+        )
+
     memo = metrics.get("memorisation")
     if memo:
         rows = [{"space": space_name, **memo[space_name]} for space_name in ("pixel", "feature") if space_name in memo]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from celldiff.data import CellDataModule
 from celldiff.evaluation.distances import (
+    class_mix_error,
     compare_sets,
     frechet_distance,
     frechet_floor_details,
@@ -38,6 +39,7 @@ from celldiff.evaluation.external import inception_metrics, lpips_distances, lpi
 from celldiff.evaluation.inputs import (
     EvaluationInputError,
     evaluation_families,
+    evaluation_mode,
     inpainting_size_problem,
     num_samples_problem,
 )
@@ -109,8 +111,7 @@ def generate_for_evaluation(
     ``positions`` (N,: the test-split position of each image's original; the same cells for every
     family) and ``masked``: per-image masked-region metrics.
     """
-    inpainting = bool(model.hparams.inpainting) or datamodule.eval_masks is not None
-    conditional = bool(model.hparams.class_conditional)
+    inpainting, conditional = evaluation_mode(model.hparams, datamodule.eval_masks)
     num_classes = datamodule.num_classes
     jobs = _jobs(datamodule, inpainting, num_samples, seed, batch_size)
     context = forward_context or nullcontext
@@ -126,7 +127,7 @@ def generate_for_evaluation(
             condition = model.network_condition({"image": known, "mask": mask, "label": labels.to(model.device)})
         else:
             labels = torch.tensor([k % num_classes if conditional else -1 for k in job["index"]])
-            condition = model.network_condition({"label": labels.to(model.device)})
+            condition = model.network_condition({"label": labels.clamp(min=0).to(model.device)})  # -1: guidance 0 (null class)
         with context():
             images = model.generate(seeds, condition=condition, sampler=sampler, steps=steps)
         result = {"images": to_uint8(images).cpu(), "labels": labels.cpu()}
@@ -166,9 +167,8 @@ def _check_run(model: Any, datamodule: CellDataModule, classifier: Any, num_samp
             f"the classifier was trained on classes {list(judge_names) if judge_names else classifier.hparams.num_classes}, "
             f"the data has {names}; expected a classifier trained on the data's classes"
         )
-    inpainting = bool(model.hparams.inpainting) or datamodule.eval_masks is not None
+    inpainting, conditional = evaluation_mode(model.hparams, datamodule.eval_masks)
     families = evaluation_families(inpainting, datamodule.eval_masks)
-    conditional = bool(model.hparams.class_conditional)
     problem = judge_size_problem(classifier.hparams.image_size, model.hparams.image_size)
     problem = problem or num_samples_problem(num_samples, len(families), conditional, len(names))
     test_size = len(datamodule.datasets["test"])
@@ -366,6 +366,9 @@ def run_evaluation(
     metrics["per_class"] = _per_class(names, real_labels, real_feats, reference, fake_feats, fake_classes, groups, seed)
     if generated["conditional"]:
         metrics["classifier"] = classifier_report(classifier, fake_judged, generated["labels"], names)
+    elif not generated["inpainting"] and n:  # an unconditional generator: does it draw the classes as often as the data?
+        real_predicted = predicted_classes(classifier, real_judged)
+        metrics["class_mix"] = {**class_mix_error(fake_classes, real_predicted, len(names), seed), "classes": names}
     if generated["inpainting"]:
         metrics["inpainting"] = _inpainting_rows(generated, per_group, floors["frechet_distance_floor"], lpips_weights, metrics)
     if morphology:

@@ -161,6 +161,36 @@ def test_an_inpainting_model_trained_with_full_masks_generates_from_noise(kinds,
     assert all(np.abs(again[k].astype(int) - images[k].astype(int)).max() <= 2 for k in images)  # fp16 weights
 
 
+def test_an_inpainting_model_trained_with_full_masks_is_evaluated_as_a_generator(kinds, tmp_path, capsys):
+    out = tmp_path / "gen"
+    run_cli(evaluate(kinds, out, "--data.eval_masks", "full", "--num_samples", "8", ckpt=kinds.inpaint_full), tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 8 and "inpainting" not in metrics and "frechet_distance" in metrics
+    mix = metrics["class_mix"]  # an unconditional generator: its class mix against the data's, as the judge sees both
+    assert 0 <= mix["total_variation"] <= 1 and sum(mix["generated_fractions"]) == pytest.approx(1)
+    assert "## Class mix" in (out / "metrics.md").read_text()
+    refused = evaluate(kinds, tmp_path / "no", "--data.eval_masks", "full", "--num_samples", "8", ckpt=kinds.inpaint)
+    assert "not trained with the 'full' mask family" in one_line_exit_2(refused, tmp_path, capsys)
+
+
+def test_guidance_0_evaluates_a_class_conditional_model_as_unconditional() -> None:
+    from celldiff.evaluation.inputs import evaluation_mode
+
+    def hp(**kw):
+        from jsonargparse import Namespace
+
+        return Namespace(inpainting=False, class_conditional=True, guidance_scale=2.0, **kw)
+
+    assert evaluation_mode(hp(), None) == (False, True)
+    zero = hp()
+    zero.guidance_scale = 0.0
+    assert evaluation_mode(zero, None) == (False, False)
+    inpaint = hp()
+    inpaint.inpainting = True
+    assert evaluation_mode(inpaint, "nucleus") == (True, True) and evaluation_mode(inpaint, "full") == (False, True)
+    assert evaluation_mode(inpaint, "full", baseline="mean_fill") == (True, False)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize(
     ("config", "ckpt", "expected"),
