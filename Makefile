@@ -4,13 +4,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all lint bench clean-demo
+.PHONY: demo test test-slow test-all lint bench clean-demo install-app
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+## install-app: the app extra (celldiff app, Gradio) and Selenium for its browser test (Chromium: .ci/run)
+install-app: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,app]' 'selenium>=4.20'
 
 ## demo: install, train configs/demo.yaml on the bundled sample, write sample images
 demo: $(STAMP)

@@ -15,7 +15,8 @@ LAYERS = {
     "masks": 1, "nets": 1, "diffusion": 1,
     "data": 2,
     "evaluation": 3, "training": 3,
-    "cli": 4,
+    "app": 4,  # celldiff app: the browser page; the CLI dispatches to it
+    "cli": 5,
 }  # fmt: skip
 ALSO_ALLOWED = {("training", "evaluation")}  # callbacks log the evaluation's masked-region metrics
 DEPRECATED_SHIMS = {"celldiff.module", "celldiff.classifier", "celldiff.callbacks"}  # old class_path values

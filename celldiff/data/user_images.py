@@ -181,9 +181,17 @@ def paste_full_resolution(image_path: str | Path, mask_path: str | Path, generat
         (H, W, 3) uint8: equal to the input wherever the mask is black.
     """
     image = read_image(Path(image_path))
-    missing = read_mask(Path(mask_path), image.size)
-    upsampled = np.asarray(Image.fromarray(generated).resize(image.size, Image.Resampling.BICUBIC))
-    return np.where(missing[..., None], upsampled, np.asarray(image))
+    return paste_generated(np.asarray(image), read_mask(Path(mask_path), image.size), generated)
 
 
-__all__ = ["UserImageDataset", "paste_full_resolution", "read_mask", "read_image", "low_res_mask"]
+def paste_generated(image: np.ndarray, missing: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    """``generated`` (S, S, 3) uint8, resized (bicubic) to ``image`` (H, W, 3), inside ``missing`` (H, W) bool.
+
+    Returns (H, W, 3) uint8 equal to ``image`` wherever ``missing`` is False.
+    """
+    height, width = image.shape[:2]
+    upsampled = np.asarray(Image.fromarray(generated).resize((width, height), Image.Resampling.BICUBIC))
+    return np.where(missing[..., None], upsampled, image)
+
+
+__all__ = ["UserImageDataset", "paste_full_resolution", "paste_generated", "read_mask", "read_image", "low_res_mask"]
