@@ -33,13 +33,22 @@ def evaluation_mode(hparams: Any, eval_masks: Any, baseline: str | None = None) 
     """(inpainting, conditional) of an evaluation of a model with ``hparams`` under ``data.eval_masks``.
 
     ``data.eval_masks full`` alone (nothing observed) evaluates an inpainting model trained with the
-    ``full`` family as a generator; a class-conditional model at ``model.guidance_scale 0`` samples with the
-    null class alone, so it is evaluated as an unconditional generator (its class mix is measured).
+    ``full`` family as a generator. (A class-conditional model at ``model.guidance_scale 0`` samples with
+    the null class alone: see :func:`draws_unconditionally`.)
     """
     only_full = eval_masks is not None and mask_families(eval_masks) == ["full"]
     inpainting = baseline is not None or ((bool(hparams.inpainting) or eval_masks is not None) and not only_full)
-    conditional = baseline is None and bool(hparams.class_conditional) and float(hparams.get("guidance_scale", 1.0)) != 0
-    return inpainting, conditional
+    return inpainting, baseline is None and bool(hparams.class_conditional)
+
+
+def draws_unconditionally(hparams: Any, inpainting: bool, conditional: bool) -> bool:
+    """A generation whose cells come from no class: an unconditional model, or guidance 0 (the null class alone).
+
+    Its cells are grouped by the judge's label and its class mix is measured against the data's; a
+    class-conditional model at guidance 0 still reports the judge's agreement with the (ignored) requested
+    classes: the chance level that conditioning is measured against.
+    """
+    return not inpainting and (not conditional or float(hparams.get("guidance_scale", 1.0)) == 0)
 
 
 def evaluation_families(inpainting: bool, eval_masks: Any) -> list[str]:

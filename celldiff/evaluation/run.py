@@ -38,6 +38,7 @@ from celldiff.evaluation.distances import (
 from celldiff.evaluation.external import inception_metrics, lpips_distances, lpips_network
 from celldiff.evaluation.inputs import (
     EvaluationInputError,
+    draws_unconditionally,
     evaluation_families,
     evaluation_mode,
     inpainting_size_problem,
@@ -262,7 +263,7 @@ def _morphology(real_test: Tensor, real_labels: Tensor, real_train: Tensor, trai
         distances = morphology_distances(*group["args"], *group["floor"], seed=seed)
         out.append({"group": name, "classes": failure_summary(*group["args"], distances), "rows": distances})
     grouping = ("the real class of the completed cell" if generated["inpainting"] else "the requested class"
-                if generated["conditional"] else "the class the judge gives them")  # fmt: skip
+                if not generated.get("unconditional") else "the class the judge gives them")  # fmt: skip
     print(f"celldiff: morphology of {len(real_y)} real and {len(fake_y)} generated cells in "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr)  # fmt: skip
     return {"features": list(FEATURES), "grouping": grouping, "comparison": comparison, "groups": out,
@@ -319,7 +320,8 @@ def run_evaluation(
     num_real = len(real_feats)
     # Per class: generated cells of a class (requested, real for inpainting, else as classified).
     fake_classes = generated["labels"]
-    if not generated["conditional"] and not generated["inpainting"] and n:
+    unconditional = generated["unconditional"] = draws_unconditionally(model.hparams, generated["inpainting"], generated["conditional"])
+    if unconditional and n:
         fake_classes = predicted_classes(classifier, fake_judged)
 
     # The comparisons: (generated features, real reference features), one per mask family for
@@ -366,7 +368,7 @@ def run_evaluation(
     metrics["per_class"] = _per_class(names, real_labels, real_feats, reference, fake_feats, fake_classes, groups, seed)
     if generated["conditional"]:
         metrics["classifier"] = classifier_report(classifier, fake_judged, generated["labels"], names)
-    elif not generated["inpainting"] and n:  # an unconditional generator: does it draw the classes as often as the data?
+    if unconditional and n:  # an unconditional generator: does it draw the classes as often as the data?
         real_predicted = predicted_classes(classifier, real_judged)
         metrics["class_mix"] = {**class_mix_error(fake_classes, real_predicted, len(names), seed), "classes": names}
     if generated["inpainting"]:

@@ -44,7 +44,7 @@ os.chdir(ROOT)
 from celldiff.data.datamodule import CellDataModule  # noqa: E402
 from celldiff.evaluation.masked import inpainting_metrics  # noqa: E402
 from celldiff.images import image_grid  # noqa: E402
-from celldiff.masks.mixture import MASK_TYPES  # noqa: E402
+from celldiff.masks.mixture import DEFAULT_MASK_WEIGHTS  # noqa: E402
 from celldiff.training.module import DiffusionModule  # noqa: E402
 
 torch.set_grad_enabled(False)
@@ -91,7 +91,8 @@ print(f"inpainting model: {INPAINT_CKPT} ({SIZE} x {SIZE})\nphase 1 model: {PHAS
 
 # %%
 datamodules = {}
-for family in MASK_TYPES:
+INPAINT_FAMILIES = [name for name, weight in DEFAULT_MASK_WEIGHTS.items() if weight > 0]  # 'full' is off by default
+for family in INPAINT_FAMILIES:
     dm = CellDataModule(DATA_DIR, image_size=SIZE, masks=family, split_file=SPLIT_FILE)
     dm.prepare_data()
     dm.setup("test")
@@ -107,7 +108,7 @@ for family, dm in datamodules.items():
 first = batches["box"]["image"][:4]
 masked_examples = torch.cat([(b["image"][:4] * (1 - b["mask"][:4])) for b in batches.values()])
 show(torch.cat([first, masked_examples]), nrow=4, figsize=(6, 12),
-     title="top: cells; then one row per family: " + ", ".join(MASK_TYPES))  # fmt: skip
+     title="top: cells; then one row per family: " + ", ".join(INPAINT_FAMILIES))  # fmt: skip
 
 # %% [markdown]
 # ## Inpainting every family, several samples per input

@@ -174,21 +174,19 @@ def test_an_inpainting_model_trained_with_full_masks_is_evaluated_as_a_generator
 
 
 def test_guidance_0_evaluates_a_class_conditional_model_as_unconditional() -> None:
-    from celldiff.evaluation.inputs import evaluation_mode
+    from jsonargparse import Namespace
+
+    from celldiff.evaluation.inputs import draws_unconditionally, evaluation_mode
 
     def hp(**kw):
-        from jsonargparse import Namespace
+        return Namespace(**{"inpainting": False, "class_conditional": True, "guidance_scale": 2.0, **kw})
 
-        return Namespace(inpainting=False, class_conditional=True, guidance_scale=2.0, **kw)
-
-    assert evaluation_mode(hp(), None) == (False, True)
-    zero = hp()
-    zero.guidance_scale = 0.0
-    assert evaluation_mode(zero, None) == (False, False)
-    inpaint = hp()
-    inpaint.inpainting = True
-    assert evaluation_mode(inpaint, "nucleus") == (True, True) and evaluation_mode(inpaint, "full") == (False, True)
-    assert evaluation_mode(inpaint, "full", baseline="mean_fill") == (True, False)
+    assert evaluation_mode(hp(), None) == (False, True) and not draws_unconditionally(hp(), False, True)
+    assert draws_unconditionally(hp(guidance_scale=0.0), False, True)  # the null class alone: class mix measured
+    assert draws_unconditionally(hp(class_conditional=False), False, False)
+    assert evaluation_mode(hp(inpainting=True), "nucleus") == (True, True) and evaluation_mode(hp(inpainting=True), "full") == (False, True)
+    assert not draws_unconditionally(hp(guidance_scale=0.0), True, True)  # inpainting: cells keep their real class
+    assert evaluation_mode(hp(inpainting=True), "full", baseline="mean_fill") == (True, False)
 
 
 # ---------------------------------------------------------------------------------------------- resume
