@@ -29,11 +29,11 @@ run() {  # NAME N EXTRA...: one evaluation (skipped when its metrics are already
 
 queue_a() {
     run uncond 1000 --data.eval_masks full --model.guidance_scale 0 --morphology true   # unconditional generation
-    run class_g2 800 --data.eval_masks full --model.guidance_scale 2 --morphology true  # class-conditional, guidance 2
-    run class_g4 400 --data.eval_masks full --model.guidance_scale 4 --morphology true
+    run class_g2 400 --data.eval_masks full --model.guidance_scale 2 --morphology true  # class-conditional, guidance 2
+    run class_g4 240 --data.eval_masks full --model.guidance_scale 4 --morphology true
 }
 queue_b() {
     run inpaint_g1 900 --data.eval_masks box,brush,centre,half,outpaint,nucleus --model.guidance_scale 1 --morphology true
-    run class_g1 800 --data.eval_masks full --model.guidance_scale 1 --morphology true
+    run class_g1 400 --data.eval_masks full --model.guidance_scale 1 --morphology true
 }
 queue_a & queue_b & wait
