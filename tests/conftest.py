@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+# A test suite started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler; the Ctrl-C tests need the interactive default, here and in the
+# subprocesses they start (an exec resets handled signals to the default, but keeps ignored ones ignored).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "pbc_sample"
