@@ -6,6 +6,8 @@ here imports celldiff.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class DataError(ValueError):
     """The data cannot be used as given (a folder, a file, a data-module argument); exit code 2."""
@@ -33,3 +35,13 @@ class NonFiniteLossError(RuntimeError):
 
 class UnsupportedPrecisionError(ValueError):
     """A ``--trainer.precision`` that cannot train this model correctly; exit code 2."""
+
+
+def file_problem(path: str | Path, where: str, what: str, expected: str) -> str | None:
+    """Why ``path`` is not a readable file (missing, or a directory), as one line starting with ``where``; else None."""
+    file = Path(path)
+    if not file.exists():
+        return f"{where}: no such {what} file"
+    if not file.is_file():
+        return f"{where} is a directory; expected {expected}"
+    return None

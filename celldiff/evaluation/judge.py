@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
+from celldiff.errors import file_problem
 from celldiff.images import to_model_range
 from celldiff.nets.classifier import CellResNet, nest_flat_keys
 from celldiff.nets.weightsfile import WeightsFileError, is_weights_file, read_tensors, read_weights_metadata
@@ -62,10 +63,9 @@ def read_checkpoint(path: str | Path, option: str = "--ckpt_path") -> dict[str, 
     unreadable, truncated or corrupt, or not a Lightning checkpoint.
     """
     file = Path(path)
-    if not file.exists():
-        raise CheckpointKindError(f"{option} {path}: no such checkpoint file")
-    if not file.is_file():
-        raise CheckpointKindError(f"{option} {path} is a directory; expected a checkpoint file (.ckpt)")
+    problem = file_problem(file, f"{option} {path}", "checkpoint", "a checkpoint file (.ckpt)")
+    if problem:
+        raise CheckpointKindError(problem)
     try:
         try:
             ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

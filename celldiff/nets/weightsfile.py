@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from celldiff.errors import UsageError
+from celldiff.errors import UsageError, file_problem
 
 FORMAT_KEY = "celldiff_format"
 FORMAT_NAME = "celldiff-weights"
@@ -61,10 +61,9 @@ def read_header(path: str | Path, option: str = "") -> tuple[dict[str, Any], int
     """
     where = _name(path, option)
     file = Path(path)
-    if not file.exists():
-        raise WeightsFileError(f"{where}: no such weights file")
-    if not file.is_file():
-        raise WeightsFileError(f"{where} is a directory; expected a weights file ({SUFFIX}, from celldiff export)")
+    problem = file_problem(file, where, "weights", f"a weights file ({SUFFIX}, from celldiff export)")
+    if problem:
+        raise WeightsFileError(problem)
     try:
         size = file.stat().st_size
         with open(file, "rb") as handle:
