@@ -37,13 +37,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16-mixed"], choices=["fp32", "bf16-mixed"],
+                        help="the precisions to measure (bf16-mixed can be many times slower on an AVX2-only CPU)")
+    parser.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
+                        choices=["contiguous", "channels_last"], help="the memory layouts to measure")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(f"GPU: {torch.cuda.get_device_name()}" if device.type == "cuda" else f"CPU: {cpu_model()}; flags: {cpu_flags()}")
-    precisions = ["fp32", "bf16-mixed"]
-    layouts = ["contiguous", "channels_last"]
+    precisions = args.precisions
+    layouts = args.layouts
     modes = ["eager"] if args.no_compile else ["eager", "compile"]
     variants = list(product(precisions, layouts, modes))
 

@@ -4,7 +4,7 @@
         --classifier_ckpt weights/judge64.safetensors --out docs/results/curves/ship_64.jsonl \
         [--num_samples 1000] [--sampler dpmsolver --steps 20] [--seed 0] [--data_dir ../shared/data/pbc64] \
         [--extra "--data.eval_masks full --model.guidance_scale 0"] [--every 1] [--only 469,938] \
-        [--eval_dir runs/curves/eval] [--name ship_64] [--dry_run]
+        [--eval_dir runs/curves/eval] [--name ship_64] [--images_offset N --wall_offset S] [--dry_run]
 
 A run directory (``RUN/config.yaml``, ``RUN/checkpoints/epochNNNN-stepNNNNNNN.ckpt``) can be lost when its
 machine is recycled; the JSONL file, committed, is what survives. Run this while the run trains (again and
@@ -16,11 +16,12 @@ in a subprocess, reads its ``metrics.json`` and appends ONE line, flushed and fs
 checkpoint starts (a killed script loses at most the checkpoint it was measuring). The line holds:
 
 - ``run`` (``--name``, default the run directory's name), ``config``, ``checkpoint`` (file name), ``step``;
-- ``images_seen``: step x the run's ``data.batch_size`` x ``trainer.accumulate_grad_batches`` (from
+- ``images_seen``: ``--images_offset`` (a leg started on a fresh machine from the previous leg's weights
+  file) + step x the run's ``data.batch_size`` x ``trainer.accumulate_grad_batches`` (from
   ``RUN/config.yaml``), counted for ONE process: a DDP run's images are this times its world size
   (``images_seen_basis`` says so);
 - ``wall_s``: the checkpoint file's mtime minus ``RUN/config.yaml``'s mtime, i.e. the run's wall time up to
-  that checkpoint, validation and sample grids included (a resumed run also counts the time it was stopped;
+  that checkpoint (+ ``--wall_offset``, the earlier legs' seconds), validation and sample grids included (a resumed run also counts the time it was stopped;
   a copied checkpoint whose mtime was not kept gives nonsense); ``wall_s_basis`` says so;
 - ``settings``: num_samples, sampler, steps, seed, judge (``--classifier_ckpt`` as given), extra (the
   ``--extra`` flags, normalised), data_dir (recorded, not matched: a location of the same data);
@@ -198,6 +199,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=1, help="measure every K-th numbered checkpoint")
     parser.add_argument("--only", help="comma list of steps to measure (and no others)")
     parser.add_argument("--eval_dir", type=Path, help="keep each evaluation's output under this folder")
+    parser.add_argument("--images_offset", type=int, default=0,
+                        help="images seen before this run: a leg started from --model.init_weights (its file's images_seen_total)")
+    parser.add_argument("--wall_offset", type=float, default=0.0,
+                        help="seconds of training before this run (the earlier legs' wall time)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, measure nothing")
     args = parser.parse_args(argv)
     if args.every < 1:
@@ -282,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         line = {
             "run": name, "config": args.config, "checkpoint": path.name, "step": step,
-            "images_seen": step * per_step, "images_seen_basis": basis,
-            "wall_s": wall, "wall_s_basis": WALL_BASIS,
+            "images_seen": args.images_offset + step * per_step,
+            "images_seen_basis": basis + (f" + {args.images_offset} before this run (--images_offset)" if args.images_offset else ""),
+            "wall_s": round(args.wall_offset + wall, 1),
+            "wall_s_basis": WALL_BASIS + (f" + {args.wall_offset:g} s before this run (--wall_offset)" if args.wall_offset else ""),
             "settings": settings, **summary(metrics), "eval_wall_s": round(eval_wall, 1), "machine": host,
             "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit(),

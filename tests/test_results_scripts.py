@@ -79,6 +79,16 @@ def _steps(fake: FakeEvaluate) -> list[int]:
     return [int(Path(c[c.index("--ckpt_path") + 1]).stem.split("step")[1]) for c in fake.calls]
 
 
+def test_a_later_leg_counts_the_earlier_legs_images_and_wall_time(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path, {469: 1000.0})
+    monkeypatch.setattr(curve_points, "run_command", FakeEvaluate())
+    out = tmp_path / "leg2.jsonl"
+    assert curve_points.main(_args(run, out, "--images_offset", "105440", "--wall_offset", "7200")) == 0
+    (line,) = _lines(out)
+    assert line["step"] == 469 and line["images_seen"] == 105440 + 469 * 32 and line["wall_s"] == 8200.0
+    assert "105440 before this run" in line["images_seen_basis"] and "7200 s before this run" in line["wall_s_basis"]
+
+
 def test_appends_one_line_per_checkpoint_with_images_seen_and_wall_time(tmp_path, monkeypatch):
     run = _fake_run(tmp_path, {469: 1000.0, 938: 2500.0})
     fake = FakeEvaluate()

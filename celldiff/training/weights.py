@@ -129,6 +129,15 @@ def _images_seen(ckpt: dict[str, Any]) -> int | None:
         return None
 
 
+def _parent_images_seen(path: Path) -> int | None:
+    """The images the ``--model.init_weights`` file's weights had seen (its lineage's total), when it is here to ask."""
+    try:
+        meta = read_weights_metadata(path)
+        return int(meta.get("images_seen_total") or meta["images_seen"])
+    except (WeightsFileError, KeyError, ValueError, OSError):
+        return None
+
+
 def export_weights(
     checkpoint_path: str | Path,
     output_path: str | Path,
@@ -150,7 +159,9 @@ def export_weights(
     Returns:
         The metadata written (strings): ``celldiff_format``, ``class_path``, ``hparams`` (JSON), ``weights``,
         ``dtype``, ``global_step``, ``epoch``, ``images_seen`` (one process: batches x ``data.batch_size``),
-        ``source`` (the checkpoint's file name) and the extra metadata.
+        ``source`` (the checkpoint's file name), for a run started from ``--model.init_weights`` its file name
+        (``fine_tuned_from``) and, when that file is still there, ``images_seen_total`` (its images, or its own
+        total, plus this run's), and the extra metadata.
 
     Raises:
         WeightsFileError: one line: an unreadable checkpoint, one of another kind, no such weights, or an
@@ -181,7 +192,11 @@ def export_weights(
     if masks:  # the training mask mixture: with the "full" family an inpainting model also generates
         meta["training_masks"] = json.dumps(spec_weights(masks), sort_keys=True)
     if raw_hparams.get("init_weights"):
-        meta["fine_tuned_from"] = Path(str(raw_hparams["init_weights"])).name
+        parent = Path(str(raw_hparams["init_weights"]))
+        meta["fine_tuned_from"] = parent.name
+        before = _parent_images_seen(parent)
+        if before is not None and "images_seen" in meta:  # a run in legs on fresh machines: the lineage's total
+            meta["images_seen_total"] = str(before + int(meta["images_seen"]))
     if ckpt.get("pytorch-lightning_version"):
         meta["lightning_version"] = str(ckpt["pytorch-lightning_version"])
     for key, value in (extra_metadata or {}).items():

@@ -164,6 +164,30 @@ def test_init_weights_starts_a_fit_from_the_file(trained, tmp_path):
         cpu_trainer(max_steps=1).fit(wrong, datamodule=FixedImages(steps=1))
 
 
+def test_a_run_in_legs_records_the_lineage_total_of_images_seen(trained, tmp_path):
+    """Leg 2 starts from leg 1's weights file (--model.init_weights): its export adds leg 1's images to its own."""
+    ckpt = torch.load(trained, map_location="cpu", weights_only=False)
+    ckpt["datamodule_hyper_parameters"] = {"batch_size": 8}
+    batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    assert batches == 4
+    parent = None
+    for leg in (1, 2, 3):
+        ckpt["hyper_parameters"] = {**ckpt["hyper_parameters"], "init_weights": str(parent) if parent else None}
+        torch.save(ckpt, tmp_path / f"leg{leg}.ckpt")
+        meta = export_weights(tmp_path / f"leg{leg}.ckpt", tmp_path / f"leg{leg}.safetensors")
+        assert meta["images_seen"] == "32"  # this leg's own images
+        if leg == 1:
+            assert "images_seen_total" not in meta and "fine_tuned_from" not in meta
+        else:
+            assert meta["fine_tuned_from"] == f"leg{leg - 1}.safetensors"
+            assert meta["images_seen_total"] == str(32 * leg)  # leg 3: leg 2's total (64) + 32, not 32 + 32
+            assert read_weights_metadata(tmp_path / f"leg{leg}.safetensors")["images_seen_total"] == str(32 * leg)
+        parent = tmp_path / f"leg{leg}.safetensors"
+    (tmp_path / "leg2.safetensors").unlink()  # the parent is gone (another machine): no total, still exported
+    meta = export_weights(tmp_path / "leg3.ckpt", tmp_path / "leg3b.safetensors")
+    assert meta["fine_tuned_from"] == "leg2.safetensors" and "images_seen_total" not in meta
+
+
 def test_a_classifier_ships_as_a_weights_file(tmp_path):
     torch.manual_seed(0)
     module = CellClassifier(image_size=16, num_classes=2, class_names=CLASSES, width=4, feature_dim=8)
