@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measurements of the shipped model (docs/results.md, "Set 3"; weights/README.md): one model, four tasks,
+# The measurements of the shipped model (docs/results.md; weights/README.md): one model, four tasks,
 # judged at 64 px by weights/judge64.safetensors on the 3,444 pbc64 test cells. Two queues of one thread
 # each (2 cores); each evaluation's metrics.json / metrics.md are copied into docs/results/ship64/ when done.
 #   bash scripts/evaluate_shipped.sh [MODEL.safetensors] [DATA_DIR]

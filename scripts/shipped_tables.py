@@ -1,4 +1,4 @@
-"""The tables and figures of docs/results.md "Set 3" (the shipped model) from the kept evaluation reports.
+"""The tables and figures of docs/results.md (the shipped model) from the kept evaluation reports.
 
     python scripts/shipped_tables.py [--dir docs/results/ship64] [--figures docs/results] > /tmp/shipped.md
 
