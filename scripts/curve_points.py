@@ -4,7 +4,7 @@
         --classifier_ckpt weights/judge64.safetensors --out docs/results/curves/ship_64.jsonl \
         [--num_samples 1000] [--sampler dpmsolver --steps 20] [--seed 0] [--data_dir ../shared/data/pbc64] \
         [--extra "--data.eval_masks full --model.guidance_scale 0"] [--every 1] [--only 469,938] \
-        [--eval_dir runs/curves/eval] [--name ship_64] [--images_offset N --wall_offset S] [--dry_run]
+        [--eval_dir runs/curves/eval] [--name ship_64] [--images_offset N --wall_offset S --step_offset K] [--dry_run]
 
 A run directory (``RUN/config.yaml``, ``RUN/checkpoints/epochNNNN-stepNNNNNNN.ckpt``) can be lost when its
 machine is recycled; the JSONL file, committed, is what survives. Run this while the run trains (again and
@@ -15,7 +15,9 @@ For every numbered checkpoint (``last.ckpt`` and ``hpc_ckpt_*`` are not numbered
 in a subprocess, reads its ``metrics.json`` and appends ONE line, flushed and fsynced before the next
 checkpoint starts (a killed script loses at most the checkpoint it was measuring). The line holds:
 
-- ``run`` (``--name``, default the run directory's name), ``config``, ``checkpoint`` (file name), ``step``;
+- ``run`` (``--name``, default the run directory's name), ``config``, ``checkpoint`` (file name), ``step``
+  (``--step_offset`` + the checkpoint's step: a later leg's steps go on from the earlier legs', so the
+  legs of one model are one curve under one name; ``--every`` and ``--only`` count this leg's own steps);
 - ``images_seen``: ``--images_offset`` (a leg started on a fresh machine from the previous leg's weights
   file) + step x the run's ``data.batch_size`` x ``trainer.accumulate_grad_batches`` (from
   ``RUN/config.yaml``), counted for ONE process: a DDP run's images are this times its world size
@@ -203,10 +205,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="images seen before this run: a leg started from --model.init_weights (its file's images_seen_total)")
     parser.add_argument("--wall_offset", type=float, default=0.0,
                         help="seconds of training before this run (the earlier legs' wall time)")
+    parser.add_argument("--step_offset", type=int, default=0,
+                        help="optimizer steps before this run (the earlier legs'); the recorded step is this + the checkpoint's")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, measure nothing")
     args = parser.parse_args(argv)
     if args.every < 1:
         parser.error(f"--every {args.every}: expected at least 1")
+    for flag, value in (("--images_offset", args.images_offset), ("--wall_offset", args.wall_offset), ("--step_offset", args.step_offset)):
+        if value < 0:
+            parser.error(f"{flag} {value:g}: expected 0 or more")
     try:
         args.only = None if args.only is None else {int(s) for s in args.only.split(",") if s.strip()}
     except ValueError:
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [c for c in checkpoints if c[0] in args.only]
     todo = []
     for step, path in checkpoints:
-        line = {"run": name, "step": step, "config": args.config, "settings": settings}
+        line = {"run": name, "step": args.step_offset + step, "config": args.config, "settings": settings}
         if match_key(line) not in done:
             todo.append((step, path))
     print(f"curve_points: {name}: {len(checkpoints)} checkpoint(s) chosen, {len(checkpoints) - len(todo)} already in "
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"curve_points: {name} step {step} FAILED: {why}", file=sys.stderr)
             continue
         line = {
-            "run": name, "config": args.config, "checkpoint": path.name, "step": step,
+            "run": name, "config": args.config, "checkpoint": path.name, "step": args.step_offset + step,
             "images_seen": args.images_offset + step * per_step,
             "images_seen_basis": basis + (f" + {args.images_offset} before this run (--images_offset)" if args.images_offset else ""),
             "wall_s": round(args.wall_offset + wall, 1),

@@ -27,13 +27,15 @@ run() {  # NAME N EXTRA...: one evaluation (skipped when its metrics are already
     echo "evaluate_shipped: $name done in $((SECONDS - start)) s"
 }
 
+# n = 1,000 generated cells per setting (the inpainting: 150 cells x 6 families). Guidance 0 and 1 cost one
+# network call per step, guidance 2 and 4 two (conditional and null class): the queues hold about equal work.
 queue_a() {
     run uncond 1000 --data.eval_masks full --model.guidance_scale 0 --morphology true   # unconditional generation
-    run class_g2 400 --data.eval_masks full --model.guidance_scale 2 --morphology true  # class-conditional, guidance 2
-    run class_g4 240 --data.eval_masks full --model.guidance_scale 4 --morphology true
+    run class_g2 1000 --data.eval_masks full --model.guidance_scale 2 --morphology true  # class-conditional, guidance 2
+    run class_g1 1000 --data.eval_masks full --model.guidance_scale 1 --morphology true
 }
 queue_b() {
     run inpaint_g1 900 --data.eval_masks box,brush,centre,half,outpaint,nucleus --model.guidance_scale 1 --morphology true
-    run class_g1 400 --data.eval_masks full --model.guidance_scale 1 --morphology true
+    run class_g4 1000 --data.eval_masks full --model.guidance_scale 4 --morphology true
 }
 queue_a & queue_b & wait

@@ -89,6 +89,25 @@ def test_a_later_leg_counts_the_earlier_legs_images_and_wall_time(tmp_path, monk
     assert "105440 before this run" in line["images_seen_basis"] and "7200 s before this run" in line["wall_s_basis"]
 
 
+def test_a_later_leg_continues_the_step_count_of_the_same_curve(tmp_path, monkeypatch):
+    """With --step_offset a leg's points go on from the earlier legs' (no clash with leg 1's step 469)."""
+    out = tmp_path / "ship_64.jsonl"
+    leg1 = _fake_run(tmp_path / "leg1", {469: 1000.0})
+    monkeypatch.setattr(curve_points, "run_command", FakeEvaluate())
+    assert curve_points.main(_args(leg1, out, "--name", "ship_64")) == 0
+    leg2 = _fake_run(tmp_path / "leg2", {469: 900.0, 938: 1800.0})
+    fake = FakeEvaluate()
+    monkeypatch.setattr(curve_points, "run_command", fake)
+    more = ["--name", "ship_64", "--step_offset", "469", "--images_offset", str(469 * 32), "--wall_offset", "1000"]
+    assert curve_points.main(_args(leg2, out, *more, "--only", "469,938")) == 0
+    assert _steps(fake) == [469, 938]  # the leg's own checkpoints, chosen by the leg's own steps
+    assert [(p["step"], p["images_seen"], p["wall_s"]) for p in _lines(out)] == [
+        (469, 469 * 32, 1000.0), (938, 938 * 32, 1900.0), (1407, 1407 * 32, 2800.0)]
+    assert curve_points.main(_args(leg2, out, *more)) == 0 and len(_lines(out)) == 3  # measured once
+    with pytest.raises(SystemExit):
+        curve_points.main(_args(leg2, out, "--step_offset", "-1"))
+
+
 def test_appends_one_line_per_checkpoint_with_images_seen_and_wall_time(tmp_path, monkeypatch):
     run = _fake_run(tmp_path, {469: 1000.0, 938: 2500.0})
     fake = FakeEvaluate()
