@@ -24,6 +24,7 @@ run() {  # NAME N EXTRA...: one evaluation (skipped when its metrics are already
     cp "$OUT/$name/metrics.json" "$KEEP/$name.json"
     cp "$OUT/$name/metrics.md" "$KEEP/$name.md"
     cp "$OUT/$name/generated_grid.png" "$KEEP/$name.png"
+    cp "$OUT/$name/morphology_cells.npz" "$KEEP/$name.npz"  # every cell's morphology (the histograms)
     echo "evaluate_shipped: $name done in $((SECONDS - start)) s"
 }
 

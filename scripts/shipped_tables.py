@@ -17,7 +17,9 @@ A report not there yet is skipped (and named on stderr). Prints Markdown to stdo
 
 Figures (needs matplotlib; skipped with a note on stderr without it, or with ``--figures ""``):
 ``<figures>/morphology_w1.png`` (``celldiff.evaluation.report.morphology_figure``, every class x feature) and
-``<figures>/ship64_samples.png`` (the kept sample grids side by side, one panel per setting).
+``<figures>/ship64_samples.png`` (the kept sample grids side by side, one panel per setting) and
+``<figures>/morphology_histograms.png`` (per class and feature, the real test cells' histogram and each
+setting's, from the kept per-cell values ``<dir>/NAME.npz``; ``celldiff.evaluation.morphology_cells``).
 """
 
 from __future__ import annotations
@@ -337,6 +339,27 @@ def samples_figure(panels: Sequence[tuple[str, Path]], path: Path) -> Path:
     return path
 
 
+def histogram_settings(folder: Path) -> tuple[tuple | None, dict[str, tuple], list[str]]:
+    """(real cells, {setting: generated cells}, class names) from the kept ``NAME.npz`` files, in NAMES order;
+    the inpainting report contributes its nucleus completions only."""
+    from celldiff.evaluation.morphology import FEATURES
+    from celldiff.evaluation.morphology_cells import load_cells, select
+
+    real, settings, classes = None, {}, []
+    for name in NAMES:
+        path = folder / f"{name}.npz"
+        if not path.is_file():
+            continue
+        cells = load_cells(path)
+        if real is None:  # every report holds the same real test cells
+            real, classes = ({f: cells[f"real_{f}"] for f in FEATURES}, cells["real_class"]), list(cells["classes"])
+        if name == INPAINT:
+            settings[MORPHOLOGY_INPAINT[1]] = select(cells, MORPHOLOGY_INPAINT[0])
+        else:
+            settings[GENERATION[name] + (" (judge's class)" if name == "uncond" else "")] = select(cells, None)
+    return real, settings, classes
+
+
 def write_figures(reports: Mapping[str, Mapping[str, Any]], folder: Path, figures: Path) -> list[Path]:
     try:
         import matplotlib  # noqa: F401
@@ -349,6 +372,11 @@ def write_figures(reports: Mapping[str, Mapping[str, Any]], folder: Path, figure
         from celldiff.evaluation.report import morphology_figure
 
         written.append(morphology_figure(settings, figures / "morphology_w1.png"))
+    real, per_cell, classes = histogram_settings(folder)
+    if real is not None:
+        from celldiff.evaluation.morphology_cells import histogram_figure
+
+        written.append(histogram_figure(real, per_cell, classes, figures / "morphology_histograms.png"))
     panels = _sample_panels(reports, folder)
     if panels:
         written.append(samples_figure(panels, figures / "ship64_samples.png"))
@@ -368,6 +396,9 @@ def _link(path: Path) -> str:
 def figures_markdown(figures: Sequence[Path]) -> str:
     captions = {
         "morphology_w1.png": "Normalised W1 per class and feature in every setting (floor in brackets).",
+        "morphology_histograms.png": "Per class (rows) and feature (columns): the real test cells' distribution (grey) "
+        "and each setting's (lines; unconditional cells under the class the judge gives them, nucleus inpainting under "
+        "the completed cell's real class; cells whose segmentation failed are left out).",
         "ship64_samples.png": "Generated cells of the shipped model, the first 64 of each evaluation (class-conditional: "
         "the classes in turn, so each column is one class, basophil to platelet; inpainting: the first mask family's "
         "completions).",

@@ -186,3 +186,28 @@ def test_figures(tmp_path, example, capsys):
     assert f"![morphology_w1]({heatmap.as_posix()})" in captured.out
     panels = shipped_tables._sample_panels(shipped_tables.load_reports(folder), folder)
     assert [title for title, _ in panels] == ["unconditional", "inpainting, box masks"]
+
+
+def test_morphology_histograms_from_the_kept_cells(tmp_path, example, capsys):
+    """NAME.npz beside the reports -> morphology_histograms.png, the inpainting report's nucleus cells only."""
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from celldiff.evaluation.morphology import FEATURES
+    from celldiff.evaluation.morphology_cells import cells_archive, save_cells
+
+    folder = _ship64(tmp_path, example)
+    rng = np.random.default_rng(1)
+    real = {f: rng.normal(0.3, 0.05, 64) for f in FEATURES}
+    classes = [f"c{i}" for i in range(8)]
+    for name, families in (("uncond", None), ("class_g1", None), ("inpaint_g1", ["box"] * 16 + ["nucleus"] * 16)):
+        fake = {f: rng.normal(0.3, 0.05, 32) for f in FEATURES}
+        save_cells(cells_archive(real, np.arange(64) % 8, fake, np.arange(32) % 8, classes, "x", families), folder / f"{name}.npz")
+    real_cells, settings, names = shipped_tables.histogram_settings(folder)
+    assert names == classes and len(real_cells[1]) == 64
+    assert list(settings) == ["unconditional (judge's class)", "guidance 1", "nucleus inpainting"]
+    assert len(settings["nucleus inpainting"][1]) == 16
+    figures = tmp_path / "figures"
+    assert shipped_tables.main(["--dir", str(folder), "--figures", str(figures)]) == 0
+    assert (figures / "morphology_histograms.png").stat().st_size > 20_000
+    assert "![morphology_histograms]" in capsys.readouterr().out

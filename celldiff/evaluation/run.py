@@ -53,6 +53,7 @@ from celldiff.evaluation.judge import (
 )
 from celldiff.evaluation.masked import inpainting_metrics
 from celldiff.evaluation.morphology import FEATURES, failure_summary, morphology_distances, morphology_features
+from celldiff.evaluation.morphology_cells import cells_archive, save_cells
 from celldiff.evaluation.report import INPAINTING_COMPARISONS, log_to_wandb, write_report
 from celldiff.evaluation.sharding import rank_and_world, sharded_map
 from celldiff.images import image_grid, save_png, to_model_range, to_uint8
@@ -228,8 +229,9 @@ def _inpainting_rows(generated: dict[str, Any], per_group: dict[Any, dict[str, f
 
 
 def _morphology(real_test: Tensor, real_labels: Tensor, real_train: Tensor, train_labels: np.ndarray,
-                generated: dict[str, Any], fake_classes: Tensor, names: list[str], seed: int) -> dict[str, Any]:  # fmt: skip
-    """The morphology section (docs/morphology.md): per class and feature, normalised W1 and its floor.
+                generated: dict[str, Any], fake_classes: Tensor, names: list[str], seed: int) -> tuple[dict[str, Any], dict]:  # fmt: skip
+    """The morphology section (docs/morphology.md): per class and feature, normalised W1 and its floor, and
+    the per-cell values behind it (``morphology_cells.cells_archive``).
 
     From noise: all generated cells against all real test cells; floor, training cells (a seeded draw of
     at most 4 x as many as were generated) in place of the generated. Inpainting, per mask family: the
@@ -266,8 +268,9 @@ def _morphology(real_test: Tensor, real_labels: Tensor, real_train: Tensor, trai
                 if not generated.get("unconditional") else "the class the judge gives them")  # fmt: skip
     print(f"celldiff: morphology of {len(real_y)} real and {len(fake_y)} generated cells in "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr)  # fmt: skip
+    cells = cells_archive(real, real_y, fake, fake_y, names, grouping, generated["families"] if generated["inpainting"] else None)
     return {"features": list(FEATURES), "grouping": grouping, "comparison": comparison, "groups": out,
-            "method": "docs/morphology.md"}  # fmt: skip
+            "method": "docs/morphology.md"}, cells  # fmt: skip
 
 
 def run_evaluation(
@@ -375,7 +378,7 @@ def run_evaluation(
         metrics["inpainting"] = _inpainting_rows(generated, per_group, floors["frechet_distance_floor"], lpips_weights, metrics)
     if morphology:
         train_labels = datamodule.cached.labels[datamodule.datasets["train"].indices]
-        metrics["morphology"] = _morphology(real_test, real_labels, real_train, np.asarray(train_labels), generated,
+        metrics["morphology"], cells = _morphology(real_test, real_labels, real_train, np.asarray(train_labels), generated,
                                             fake_classes, names, seed)  # fmt: skip
     metrics["memorisation"] = memorisation_report(
         to_model_range(fake).flatten(1), fake_feats, to_model_range(real_train).flatten(1), train_feats,
@@ -390,6 +393,8 @@ def run_evaluation(
     out = Path(output_dir)
     json_path, md_path = write_report(metrics, out)
     save_png(image_grid(fake[: min(64, n)]), out / "generated_grid.png")
+    if morphology:  # every cell's features, for histograms (celldiff.evaluation.morphology_cells)
+        save_cells(cells, out / "morphology_cells.npz")
     print(
         f"celldiff: Fréchet distance {metrics['frechet_distance']:.4g} ({comparison}) vs real-vs-real floor "
         f"{floors['frechet_distance_floor']:.4g} ({floors['frechet_distance_floor_n']} vs "

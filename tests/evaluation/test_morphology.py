@@ -223,6 +223,17 @@ def test_run_evaluation_writes_the_morphology_section(small_sample, tmp_path, in
     assert sum(row["n_generated"] for row in groups[0]["classes"]) == 8
     report = (tmp_path / "eval" / "metrics.md").read_text()
     assert "## Morphology" in report and "nucleus_solidity" in report
+    from celldiff.evaluation.morphology_cells import histogram_figure, load_cells, select
+
+    cells = load_cells(tmp_path / "eval" / "morphology_cells.npz")  # every cell's values behind the table
+    assert list(cells["classes"]) == list(dm.class_names) and len(cells["real_class"]) == len(dm.datasets["test"])
+    assert len(cells["fake_class"]) == 8 and cells["fake_nucleus_area"].dtype == np.float32
+    assert list(cells["fake_family"]) == (["nucleus"] * 8 if inpainting else [])
+    fake, fake_class = select(cells, "nucleus" if inpainting else None)
+    assert len(fake_class) == 8 and set(fake) == set(FEATURES)
+    real = ({f: cells[f"real_{f}"] for f in FEATURES}, cells["real_class"])
+    png = histogram_figure(real, {"generated": (fake, fake_class)}, list(cells["classes"]), tmp_path / "h.png")
+    assert png.stat().st_size > 10_000
 
 
 @pytest.mark.skipif("--morphology" not in (REPO / "celldiff" / "cli" / "main.py").read_text(),
@@ -245,3 +256,30 @@ def test_evaluate_cli_morphology(small_sample, tmp_path):
              "--model.sampling_steps", "2", "--data.data_dir", str(small_sample), "--morphology", "true"], tmp_path)  # fmt: skip
     assert [g["group"] for g in json.loads((out / "metrics.json").read_text())["morphology"]["groups"]] == ["all"]
     assert "## Morphology" in (out / "metrics.md").read_text()
+
+
+def test_morphology_cells_archive_round_trip_and_histograms(tmp_path):
+    """The per-cell archive loads without pickle, selects a family, and refuses a file that is not one."""
+    from celldiff.evaluation.morphology_cells import cells_archive, histogram_figure, load_cells, save_cells, select
+
+    rng = np.random.default_rng(0)
+    real = {f: rng.normal(1, 0.2, 40) for f in FEATURES}
+    real["nucleus_lobes"] = rng.integers(1, 5, 40).astype(float)
+    fake = {f: np.append(rng.normal(1.2, 0.2, 11), np.nan) for f in FEATURES}  # one failed segmentation
+    families = ["box"] * 6 + ["nucleus"] * 6
+    arrays = cells_archive(real, np.arange(40) % 2, fake, np.arange(12) % 2, ["a", "b"], "the real class", families)
+    path = save_cells(arrays, tmp_path / "x" / "morphology_cells.npz")
+    cells = load_cells(path)
+    assert list(cells["classes"]) == ["a", "b"] and str(cells["grouping"]) == "the real class"
+    np.testing.assert_allclose(cells["real_cell_area"], real["cell_area"].astype(np.float32))
+    values, classes = select(cells, "nucleus")
+    assert len(classes) == 6 and np.isnan(values["nucleus_area"][-1])
+    assert len(select(cells, None)[1]) == 12
+    real_pair = ({f: cells[f"real_{f}"] for f in FEATURES}, cells["real_class"])
+    png = histogram_figure(real_pair, {"nucleus": (values, classes), "all": select(cells, None)}, ["a", "b"], tmp_path / "h.png")
+    assert png.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="unknown feature 'size'"):
+        histogram_figure(real_pair, {}, ["a", "b"], tmp_path / "g.png", features=["size"])
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a morphology_cells.npz"):
+        load_cells(tmp_path / "other.npz")
