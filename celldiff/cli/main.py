@@ -20,6 +20,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -31,6 +32,7 @@ from celldiff.cli.checkpoints import (
     check_resumable,
     checkpoint_update,
 )
+from celldiff.cli.cpu import slow_bf16_warning
 from celldiff.cli.evaluate import check_evaluate_args, run_evaluate
 from celldiff.cli.loggers import default_logger_save_dir, has_wandb, patch_loggers
 from celldiff.cli.parsing import (
@@ -251,6 +253,9 @@ class CellDiffCLI(LightningCLI):
         callbacks.append(GracefulStop())  # Ctrl-C stops at the end of a step, like SIGTERM
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
+        warning = slow_bf16_warning(trainer.precision, isinstance(trainer.accelerator, CPUAccelerator))
+        if warning and trainer.is_global_zero:
+            print(warning, file=sys.stderr)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user configured
             # Lightning's writes via the system temp folder and copies: a full disk truncates last.ckpt.
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
