@@ -1,16 +1,21 @@
-"""Execute the notebooks against the results checkpoints (docs/results.md) and save them with outputs.
+"""Execute the notebooks against the shipped weights (weights/README.md) and save them with outputs.
 
-    python notebooks/execute_notebooks.py                 # all three, checkpoints under runs/results/
-    python notebooks/execute_notebooks.py 02_Inpainting_Diffusion --runs /path/to/runs/results
+    python notebooks/execute_notebooks.py                          # all three, on ../shared/data/pbc64
+    python notebooks/execute_notebooks.py 03_class_conditional --set PER_CLASS=8
+    python notebooks/execute_notebooks.py 01_unconditional_diffusion --set CKPT='"runs/x/checkpoints/last.ckpt"'
 
-Each notebook's parameter cell gets the checkpoint paths appended (visible in the saved notebook, so
-a reader sees what it ran on); the executed notebook replaces notebooks/<name>.ipynb. The runs are
-the ones docs/results.md lists (configs/results/*.yaml); checkpoints stay out of git.
+The models are the sources' defaults, weights/celldiff64.safetensors (one class-conditional inpainting model
+that also generates) and weights/judge64.safetensors (the judge), so no training run is needed. Each
+notebook is built from its source (notebooks/src/<name>.py), its parameter cell gets the data directory and
+the sample counts appended (visible in the saved notebook, so a reader sees what it ran on), and the
+executed notebook replaces notebooks/<name>.ipynb. Run it
+with OMP_NUM_THREADS=1 on a shared machine: each notebook takes a few minutes on one CPU thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 from pathlib import Path
@@ -20,55 +25,63 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import build_notebooks  # noqa: E402
+
+WEIGHTS = ("weights/celldiff64.safetensors", "weights/judge64.safetensors")
 
 
-def parameters(runs: Path, data_dir: str, phase1_run: str = "phase1") -> dict[str, dict[str, object]]:
-    ckpt = {name: str(runs / name / "checkpoints" / "last.ckpt") for name in ("phase1", "phase2", "phase3", "classifier")}
-    split = str(runs / "phase1" / "split.json")  # every results run uses the same split (same data, same seed)
-    notebook01_ckpt = str(runs / phase1_run / "checkpoints" / "last.ckpt")
+def parameters(data_dir: str) -> dict[str, dict[str, object]]:
+    """What each notebook gets appended to its parameter cell (the models are the sources' defaults)."""
+    # No SPLIT_FILE: the data module's default content-hash split (seed 0) of pbc64 is the shipped model's.
     return {
-        "01_unconditional_diffusion": {"CKPT": notebook01_ckpt, "DATA_DIR": data_dir, "NUM_SAMPLES": 64},
-        "02_Inpainting_Diffusion": {
-            "INPAINT_CKPT": ckpt["phase2"],
-            "PHASE1_CKPT": ckpt["phase1"],
-            "DATA_DIR": data_dir,
-            "SPLIT_FILE": split,
-            "NUM_CELLS": 16,
-        },
-        "03_class_conditional": {
-            "CLASS_CKPT": ckpt["phase3"],
-            "INPAINT_CKPT": ckpt["phase3"],  # no class-conditional inpainting run: replacement with the Phase 3 model
-            "CLASSIFIER_CKPT": ckpt["classifier"],
-            "DATA_DIR": data_dir,
-            "SPLIT_FILE": split,
-            "EVAL_SAMPLES": 32,
-        },
+        "01_unconditional_diffusion": {"DATA_DIR": data_dir, "NUM_SAMPLES": 64},
+        "02_Inpainting_Diffusion": {"DATA_DIR": data_dir, "NUM_CELLS": 16},
+        "03_class_conditional": {"DATA_DIR": data_dir, "PER_CLASS": 6},
     }
+
+
+def parse_set(items: list[str]) -> dict[str, object]:
+    """``NAME=VALUE`` pairs, each VALUE a Python literal (``--set CKPT=None``, ``--set NUM_SAMPLES=16``)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            sys.exit(f"execute_notebooks: --set {item}: expected NAME=VALUE")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            sys.exit(f"execute_notebooks: --set {item}: VALUE must be a Python literal (quote strings: NAME='\"text\"')")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="notebook names (default: all)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/results"), help="results runs (relative to the repository)")
-    parser.add_argument("--data-dir", default="../shared/data/pbc64", help="the data the runs were trained on")
-    parser.add_argument("--phase1-run", default="phase1",
-                        help="the run notebook 01 shows: phase1 (32 px, 1.2 M) or phase1_64 (64 px, 11 M)")
+    parser.add_argument("--data-dir", default="../shared/data/pbc64",
+                        help="the cells (relative to the repository): pbc64 holds the shipped model's test split")  # fmt: skip
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="one more parameter for every notebook run (repeatable), e.g. CKPT=None to train the demo")  # fmt: skip
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args()
-    params = parameters(args.runs, args.data_dir, args.phase1_run)
+    params = parameters(args.data_dir)
+    unknown = [n for n in args.names if n not in params]
+    if unknown:
+        sys.exit(f"execute_notebooks: no notebook {unknown[0]}; expected one of {', '.join(params)}")
+    missing = [p for p in (*WEIGHTS, args.data_dir) if not (REPO / p).exists()]
+    if missing:
+        sys.exit(f"execute_notebooks: {missing[0]} is missing (the shipped weights are in git; the data: see README)")
+    extra = parse_set(args.overrides)
     for name in args.names or list(params):
-        missing = [v for v in params[name].values() if str(v).endswith(".ckpt") and not (REPO / str(v)).is_file()]
-        if missing:
-            sys.exit(f"execute_notebooks: {name} needs {missing[0]}; train it first (docs/results.md)")
         path = HERE / f"{name}.ipynb"
-        nb = nbformat.read(path, as_version=4)
+        nb = build_notebooks.parse((HERE / "src" / f"{name}.py").read_text())  # from the source: no stale outputs
         first = next(c for c in nb.cells if c.cell_type == "code")
-        lines = [f"{key} = {value!r}" for key, value in params[name].items()]
-        first.source += "\n# Executed for docs/results.md against the results runs:\n" + "\n".join(lines)
+        lines = [f"{key} = {value!r}" for key, value in {**params[name], **extra}.items()]
+        first.source += "\n# Executed by notebooks/execute_notebooks.py against the shipped weights:\n" + "\n".join(lines)
         start = time.perf_counter()
         NotebookClient(nb, timeout=args.timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
         nbformat.write(nb, path)
-        print(f"executed {path.relative_to(REPO)} in {time.perf_counter() - start:.0f} s")
+        print(f"executed {path.relative_to(REPO)} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

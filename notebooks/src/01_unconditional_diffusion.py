@@ -9,21 +9,26 @@
 # 4. a **sample grid** from the EMA weights,
 # 5. the **reverse process** of one sample as a strip of intermediate x_t and predicted x_0.
 #
-# Set `CKPT` in the next cell to a Phase 1 checkpoint (`runs/phase1/<time>/checkpoints/last.ckpt`).
-# Without one, the notebook first trains `configs/demo.yaml` on the bundled sample (a few minutes
-# on a CPU) and uses that.
+# By default it uses the shipped model `weights/celldiff64.safetensors` (its card: `weights/README.md`):
+# ONE class-conditional inpainting model at 64 × 64 that also generates unconditionally. With no mask its
+# network sees nothing observed (the `full` mask, 31 % of its training masks) and with no label the null
+# class (labels were dropped with probability 0.15), so `module.generate(seeds)` is an unconditional DDPM,
+# exactly what this notebook needs. `CKPT` in the next cell also takes a Phase 1 checkpoint
+# (`runs/phase1/<time>/checkpoints/last.ckpt`) or another weights file; `CKPT = None` first trains
+# `configs/demo.yaml` on the bundled sample (a few minutes on a CPU) and uses that.
 
 # %%
 # Parameters: edit these.
-CKPT = None  # path to a DiffusionModule checkpoint, or None to train the demo config first
+CKPT = "weights/celldiff64.safetensors"  # a weights file or a DiffusionModule checkpoint (.ckpt); None trains the demo
 DATA_DIR = "data/pbc_sample"  # real cells for the forward process (relative to the repository)
 DEMO_RUN_DIR = "runs/notebook01/demo"  # where the demo run goes when CKPT is None
 DEMO_OVERRIDES: list[str] = []  # extra CLI arguments for the demo training run
-SAMPLER, SAMPLING_STEPS = "ddim", 50  # for the sample grid
+SAMPLER, SAMPLING_STEPS = "dpmsolver", 20  # the sample grid and the reverse process (the shipped model's sampler)
 NUM_SAMPLES = 16
 SEED = 0
 
 # %%
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +45,7 @@ from celldiff.data.imagecache import build_cache, load_cache  # noqa: E402
 from celldiff.data.scan import scan_dataset  # noqa: E402
 from celldiff.diffusion.schedule import NoiseSchedule  # noqa: E402
 from celldiff.images import image_grid  # noqa: E402
-from celldiff.training.module import DiffusionModule  # noqa: E402
+from celldiff.training.weights import is_weights_file, load_diffusion_module, read_weights_metadata  # noqa: E402
 
 torch.set_grad_enabled(False)
 
@@ -58,9 +63,11 @@ def show(images, title=None, nrow=None, ax=None, figsize=(8, 8)):
 
 
 # %% [markdown]
-# ## The checkpoint
+# ## The model
 #
-# Without `CKPT`, train the demo configuration first, exactly as `make demo` does.
+# `load_diffusion_module` reads a weights file (safetensors: tensors and a JSON header) or a Lightning
+# checkpoint (`torch.load(weights_only=True)`): nothing is unpickled either way. Without `CKPT`, the demo
+# configuration is trained first, exactly as `make demo` does.
 
 # %%
 if CKPT is None:
@@ -72,12 +79,23 @@ if CKPT is None:
         print(" ".join(cmd))
         subprocess.run(cmd, check=True, env={**os.environ, "WANDB_MODE": "offline"})
     CKPT = ckpt
-module = DiffusionModule.load_from_checkpoint(CKPT, map_location="cpu").eval()
+module = load_diffusion_module(CKPT)  # eval mode, on the CPU
 hp = module.hparams
-print(f"checkpoint: {CKPT}")
-print(f"{hp.image_size} x {hp.image_size}, {hp.beta_schedule} schedule, T = {hp.num_timesteps}, "
-      f"U-Net {sum(p.numel() for p in module.unet.parameters()) / 1e6:.2f} M parameters, "
-      f"{int(module.ema_updates)} EMA updates")  # fmt: skip
+print(f"model: {CKPT}")
+if is_weights_file(CKPT):  # a weights file holds the EMA weights and says how long they trained
+    meta = read_weights_metadata(CKPT)
+    seen = int(meta.get("images_seen_total") or meta.get("images_seen") or 0)
+    print(f"weights file: {meta['weights']} weights at step {meta.get('global_step')}, {seen:,} training images")
+else:
+    print(f"checkpoint: {int(module.ema_updates)} EMA updates")
+print(f"{hp.image_size} x {hp.image_size}, {hp.beta_schedule} schedule, T = {hp.num_timesteps}, {hp.prediction_type}-prediction, "
+      f"U-Net {sum(p.numel() for p in module.unet.parameters()) / 1e6:.2f} M parameters")  # fmt: skip
+if hp.class_conditional:
+    print(f"class-conditional ({len(hp.class_names)} classes): the samples below use the null class (no label)")
+if hp.inpainting:
+    masks = json.loads(meta.get("training_masks", "{}")) if is_weights_file(CKPT) else {}
+    print("inpainting model: the samples below observe nothing (the 'full' mask)"
+          + ("" if not masks or masks.get("full") else "; WARNING: it was not trained with 'full' masks"))  # fmt: skip
 
 # %% [markdown]
 # ## 1. The forward process on real cells
@@ -128,12 +146,25 @@ for ax in axes:
 # produced the checkpoint, from its `metrics.csv` (CSV logger; W&B runs show the same curves on
 # their dashboard). The validation loss is also split by timestep range: small t (fine detail) is
 # hard in absolute terms but improves quickly; large t is nearly irreducible.
+#
+# A weights file holds the network, not its training log: for the shipped file the cell shows instead the
+# card's quality-along-the-run figure (`docs/results/ship64_curve.png`, docs/results.md: Fréchet and kernel
+# distance, precision / recall and class-mix error of 1,000 unconditional samples at each checkpoint).
 
 # %%
 import csv  # noqa: E402
 
 metrics_file = Path(CKPT).resolve().parent.parent / "metrics.csv"
-if metrics_file.is_file():
+card_figure = ROOT / "docs" / "results" / "ship64_curve.png"
+shipped = (ROOT / "weights" / "celldiff64.safetensors").resolve()
+if is_weights_file(CKPT):
+    print(f"{CKPT} is a weights file: it holds no training log (no metrics.csv), so there is no loss curve to plot")
+    if Path(CKPT).resolve() == shipped and card_figure.is_file():
+        fig, ax = plt.subplots(figsize=(16, 6.5))
+        ax.imshow(plt.imread(card_figure))
+        ax.axis("off")
+        ax.set_title(f"the shipped model along its training run ({card_figure.relative_to(ROOT)}, docs/results.md)")
+elif metrics_file.is_file():
     rows_csv = list(csv.DictReader(metrics_file.open()))
 
     def series(key):
@@ -163,12 +194,18 @@ else:
 # %% [markdown]
 # ## 4. Samples from the EMA weights
 #
-# One seeded generator per image: image i depends only on (SEED, i), not on the batch.
+# One seeded generator per image: image i depends only on (SEED, i), not on the batch. For the shipped
+# model these are its unconditional cells (null class, nothing observed); its card notes that they
+# over-draw neutrophils and immature granulocytes and rarely draw lymphocytes and basophils
+# (docs/results.md): for a mix like the data's, draw labels from the data's frequencies and generate
+# class-conditionally (notebook 03).
 
 # %%
 seeds = [SEED * 1_000_003 + i for i in range(NUM_SAMPLES)]
 samples = module.generate(seeds, sampler=SAMPLER, steps=SAMPLING_STEPS)
-show(samples, title=f"{NUM_SAMPLES} samples, {SAMPLER} {SAMPLING_STEPS} steps (EMA weights)")
+what = "unconditional: null class" if hp.class_conditional else "unconditional"
+what += ", nothing observed" if hp.inpainting else ""
+show(samples, title=f"{NUM_SAMPLES} samples ({what}), {SAMPLER} {SAMPLING_STEPS} steps, EMA weights")
 real = torch.from_numpy(np.ascontiguousarray(cache.images[rng.choice(len(cache.images), NUM_SAMPLES)]))
 show(real.permute(0, 3, 1, 2), title="real cells, for comparison");
 
@@ -177,14 +214,16 @@ show(real.permute(0, 3, 1, 2), title="real cells, for comparison");
 #
 # Top row: x_t as the sampler walks from noise to the image. Bottom row: the network's prediction of
 # x_0 at that step, x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar). The coarse shape (cell
-# and nucleus) is decided early; the late steps add texture.
+# and nucleus) is decided early; the late steps add texture. The walk is the sample grid's sampler
+# (DPM-Solver++ visits 20 timesteps); `sampler="ddpm", steps=None` shows the 1,000-step ancestral walk
+# of Ho et al. (about 1,000 network calls).
 
 # %%
 trajectory = []
-module.generate([seeds[0]], sampler="ddpm", steps=None, callback=lambda state: trajectory.append(
+module.generate([seeds[0]], sampler=SAMPLER, steps=SAMPLING_STEPS, callback=lambda state: trajectory.append(
     (state["t"], state["x_t"][0].clone(), state["x0_pred"][0].clone())))  # fmt: skip
-picks = np.linspace(0, len(trajectory) - 1, 8).round().astype(int)
+picks = np.unique(np.linspace(0, len(trajectory) - 1, min(10, len(trajectory))).round().astype(int))
 xt = torch.stack([trajectory[i][1] for i in picks])
 x0_pred = torch.stack([trajectory[i][2] for i in picks])
 ax = show(torch.cat([xt.clamp(-1, 1), x0_pred.clamp(-1, 1)]), nrow=len(picks), figsize=(14, 4))
-ax.set_title("DDPM reverse process, t = " + ", ".join(str(trajectory[i][0]) for i in picks) + "  (top: x_t, bottom: predicted x_0)")
+ax.set_title(f"{SAMPLER} reverse process, t = " + ", ".join(str(trajectory[i][0]) for i in picks) + "  (top: x_t, bottom: predicted x_0)")
