@@ -254,3 +254,29 @@ def test_plot_writes_a_png_and_prints_the_table(tmp_path, capsys):
     one_row = tmp_path / "wall.png"
     assert plot_curves.main([str(a), "--out", str(one_row), "--x", "wall_s"]) == 0
     assert one_row.is_file()
+
+
+def test_recipe_runs_script_trains_and_resumes_with_a_fake_celldiff(tmp_path):
+    """scripts/recipe_runs.sh: the config of each run, one thread, --ckpt_path last once a last.ckpt exists."""
+    import subprocess
+
+    fake = tmp_path / "celldiff"
+    fake.write_text('#!/usr/bin/env bash\necho "$OMP_NUM_THREADS $*" >> "$(dirname "$0")/calls"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "CELLDIFF": str(fake), "RECIPE_RUNS": str(tmp_path / "runs")}
+    script = str(SCRIPTS / "recipe_runs.sh")
+    assert subprocess.run(["bash", script, "train", "A", "C"], env=env, capture_output=True).returncode == 0
+    (tmp_path / "runs" / "A" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "A" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert subprocess.run(["bash", script, "train", "A"], env=env, capture_output=True).returncode == 0
+    calls = sorted((tmp_path / "calls").read_text().splitlines())
+    assert len(calls) == 3 and all(c.startswith("1 fit --config configs/results/") for c in calls)
+    first_a, second_a, c = sorted(calls, key=lambda c: ("phase1_64_fast" in c, "ckpt_path" in c))
+    assert "seed_phase1_64.yaml" in first_a and "--ckpt_path" not in first_a
+    assert "seed_phase1_64.yaml" in second_a and second_a.endswith("--ckpt_path last")
+    assert "phase1_64_fast.yaml" in c and f"--run_dir {tmp_path / 'runs' / 'C'}" in c
+    assert "--trainer.precision bf16-mixed" in c or "--trainer.precision 32-true" in c
+    for argv, message in ((["train", "D"], "unknown run 'D'"), (["train"], "needs one or more"),
+                          (["train", "A", "B", "C"], "at most two"), ([], "usage")):  # fmt: skip
+        done = subprocess.run(["bash", script, *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, (argv, done.stderr)
