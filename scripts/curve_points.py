@@ -98,16 +98,10 @@ def images_per_step(config: dict) -> tuple[int, str]:
 
 def machine() -> dict:
     """The CPU (model, bf16 flags), OMP_NUM_THREADS and the CPU count of this machine."""
-    model, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    from celldiff.cli.cpu import read_cpuinfo
+
+    model, flags = read_cpuinfo()
+    flags = flags or set()
     return {"cpu": model, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()}  # fmt: skip
 

@@ -115,13 +115,13 @@ def histogram_figure(
             values = real_values[feature][real_class == i]
             values = values[np.isfinite(values)]
             if values.size:
-                ax.hist(np.clip(values, edges[0], edges[-1]), edges, density=True, color="0.8", label=f"real ({values.size})")
-            for k, (setting, (fake_values, fake_class)) in enumerate(settings.items()):
+                ax.hist(np.clip(values, edges[0], edges[-1]), edges, density=True, color="0.8")
+            for k, (fake_values, fake_class) in enumerate(settings.values()):
                 values = fake_values[feature][fake_class == i]
                 values = values[np.isfinite(values)]
                 if values.size >= 3:
                     ax.hist(np.clip(values, edges[0], edges[-1]), edges, density=True, histtype="step", linewidth=1.2,
-                            color=colours[k % len(colours)], label=f"{setting} ({values.size})")  # fmt: skip
+                            color=colours[k % len(colours)])  # fmt: skip
             ax.set_yticks([])
             ax.tick_params(labelsize=6)
             if i == 0:
