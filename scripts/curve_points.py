@@ -4,7 +4,8 @@
         --classifier_ckpt weights/judge64.safetensors --out docs/results/curves/ship_64.jsonl \
         [--num_samples 1000] [--sampler dpmsolver --steps 20] [--seed 0] [--data_dir ../shared/data/pbc64] \
         [--extra "--data.eval_masks full --model.guidance_scale 0"] [--every 1] [--only 469,938] \
-        [--eval_dir runs/curves/eval] [--name ship_64] [--images_offset N --wall_offset S --step_offset K] [--dry_run]
+        [--eval_dir runs/curves/eval] [--name ship_64] [--images_offset N --wall_offset S --step_offset K] [--last]
+        [--dry_run]
 
 A run directory (``RUN/config.yaml``, ``RUN/checkpoints/epochNNNN-stepNNNNNNN.ckpt``) can be lost when its
 machine is recycled; the JSONL file, committed, is what survives. Run this while the run trains (again and
@@ -33,6 +34,10 @@ checkpoint starts (a killed script loses at most the checkpoint it was measuring
 - ``machine``: CPU model, whether its flags hold avx512_bf16 / amx_bf16, OMP_NUM_THREADS, CPU count;
   ``measured_at`` (UTC) and the repository's ``git_commit``.
 
+``--last`` also measures ``RUN/checkpoints/last.ckpt``, at the step it holds (its ``global_step``, read without
+unpickling anything), unless a numbered checkpoint has that step: a run's final step is rarely a multiple of
+its checkpoint interval, so without it a finished run's curve stops short of its end. Use it once the run has
+finished (while it trains, last.ckpt is just the latest checkpoint, already measured as a numbered one).
 ``--every K`` measures the K-th, 2K-th, ... numbered checkpoint (a stable choice while the run adds
 more); ``--only`` takes a comma list of steps. ``--eval_dir DIR`` keeps each evaluation's output in
 ``DIR/<run>/step<NNNNNNN>-<settings hash>`` (else a temporary folder, deleted). A failed evaluation prints
@@ -73,6 +78,23 @@ def numbered_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
             if step not in found or path.stat().st_mtime > found[step].stat().st_mtime:
                 found[step] = path
     return sorted(found.items())
+
+
+def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, path) of ``RUN/checkpoints/last.ckpt`` (its ``global_step``), or None when there is none."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        return None
+    import torch
+
+    try:
+        step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise SystemExit(
+            f"curve_points: error: {path}: cannot read its global_step ({type(error).__name__}); "
+            "expected a Lightning checkpoint written by celldiff fit"
+        ) from None
+    return step, path
 
 
 def run_config(run_dir: Path) -> dict:
@@ -201,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of training before this run (the earlier legs' wall time)")
     parser.add_argument("--step_offset", type=int, default=0,
                         help="optimizer steps before this run (the earlier legs'); the recorded step is this + the checkpoint's")
+    parser.add_argument("--last", action="store_true",
+                        help="also measure checkpoints/last.ckpt at its global_step (a finished run's final step)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, measure nothing")
     args = parser.parse_args(argv)
     if args.every < 1:
@@ -230,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     tag = hashlib.sha256(json.dumps([settings[k] for k in MATCH_SETTINGS] + [args.config]).encode()).hexdigest()[:8]
     done = {match_key(p) for p in read_points(args.out)}
     checkpoints = numbered_checkpoints(args.run_dir)
+    numbered_steps = {step for step, _ in checkpoints}
     checkpoints = [c for i, c in enumerate(checkpoints, 1) if i % args.every == 0]
+    last = last_checkpoint(args.run_dir) if args.last else None
+    if args.last and last is None:
+        print(f"curve_points: --last: no last.ckpt in {args.run_dir / 'checkpoints'}", file=sys.stderr)
+    if last is not None and last[0] not in numbered_steps:
+        checkpoints.append(last)
     failed = 0
     if args.only is not None:
         missing = sorted(args.only - {step for step, _ in checkpoints})

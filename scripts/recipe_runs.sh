@@ -42,14 +42,17 @@ train() {  # RUN: fit (or go on with --ckpt_path last), log in ROOT/RUN.log
     echo "recipe_runs: $run: $cfg, $PREC, $ROOT/$run ${resume[*]}"
     "$CELLDIFF" fit --config "$cfg" --data.data_dir "$DATA" --run_dir "$ROOT/$run" --trainer.precision "$PREC" \
         --trainer.enable_progress_bar false "${resume[@]}" >> "$ROOT/$run.log" 2>&1
+    date -u +%FT%TZ > "$ROOT/$run.done"  # fit returned 0: last.ckpt is the run's final step (curves --last)
 }
 
-curves() {  # RUN: every numbered checkpoint not measured yet, one line each in docs/results/curves/recipe_RUN.jsonl
+curves() {  # RUN: every checkpoint not measured yet (the numbered ones and, once the run has finished, last.ckpt at
+            # its final step), one line each in docs/results/curves/recipe_RUN.jsonl; outputs kept in ROOT/evals
     local run=$1
     config "$run" > /dev/null
     "$PY" scripts/curve_points.py --run_dir "$ROOT/$run" --config "$(config "$run")" \
         --classifier_ckpt weights/judge64.safetensors --out "docs/results/curves/recipe_$run.jsonl" --name "$run" \
-        --num_samples 1000 --sampler dpmsolver --steps 20 --seed 0 --data_dir "$DATA" \
+        --num_samples 1000 --sampler dpmsolver --steps 20 --seed 0 --data_dir "$DATA" --eval_dir "$ROOT/evals" \
+        $([ -f "$ROOT/$run.done" ] && echo --last) \
         --extra "--trainer.precision $PREC --data.batch_size 100"
 }
 

@@ -51,7 +51,7 @@ class FakeEvaluate:
     def __call__(self, command: list[str]) -> tuple[int, str]:
         self.calls.append(command)
         ckpt = Path(command[command.index("--ckpt_path") + 1])
-        step = int(ckpt.stem.split("step")[1])
+        step = int(ckpt.stem.split("step")[1]) if ckpt.name != "last.ckpt" else 10_000
         if step in self.fail_steps:
             return 2, "celldiff: error: the judge was trained on other classes"
         out = Path(command[command.index("--output_dir") + 1])
@@ -190,6 +190,31 @@ def test_a_missing_only_step_fails_and_dry_run_measures_nothing(tmp_path, monkey
     assert len(fake.calls) == 1 and not (tmp_path / "other.jsonl").exists()
 
 
+def test_last_adds_the_finished_runs_final_step_read_from_last_ckpt(tmp_path, monkeypatch, capsys):
+    import torch
+
+    run, out = _fake_run(tmp_path, {469: 600.0, 938: 1200.0}), tmp_path / "curve.jsonl"
+    last = run / "checkpoints" / "last.ckpt"
+    torch.save({"global_step": 1113, "epoch": 2, "state_dict": {"w": torch.zeros(2)}}, last)
+    os.utime(last, (T0 + 1500.0, T0 + 1500.0))
+    monkeypatch.setattr(curve_points, "run_command", FakeEvaluate())
+    assert curve_points.main(_args(run, out)) == 0
+    assert [p["step"] for p in _lines(out)] == [469, 938]  # without --last: the numbered ones only
+    assert curve_points.main(_args(run, out, "--last")) == 0
+    final = _lines(out)[-1]
+    assert (final["step"], final["checkpoint"], final["images_seen"], final["wall_s"]) == (1113, "last.ckpt", 1113 * 32, 1500.0)
+    assert curve_points.main(_args(run, out, "--last")) == 0 and len(_lines(out)) == 3  # measured once
+    torch.save({"global_step": 938}, last)  # last.ckpt at a numbered step: not measured twice
+    out2 = tmp_path / "other.jsonl"
+    assert curve_points.main(_args(run, out2, "--last")) == 0 and [p["step"] for p in _lines(out2)] == [469, 938]
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read its global_step"):
+        curve_points.main(_args(run, tmp_path / "third.jsonl", "--last"))
+    last.unlink()
+    assert curve_points.main(_args(run, out2, "--last")) == 0
+    assert "--last: no last.ckpt" in capsys.readouterr().err
+
+
 def test_run_command_returns_the_exit_code_and_last_stderr_line(capsys):
     code, last = curve_points.run_command(
         [sys.executable, "-c", "import sys; print('progress 1/2', file=sys.stderr); print('celldiff: error: boom', file=sys.stderr); sys.exit(2)"]
@@ -276,6 +301,17 @@ def test_recipe_runs_script_trains_and_resumes_with_a_fake_celldiff(tmp_path):
     assert "seed_phase1_64.yaml" in second_a and second_a.endswith("--ckpt_path last")
     assert "phase1_64_fast.yaml" in c and f"--run_dir {tmp_path / 'runs' / 'C'}" in c
     assert "--trainer.precision bf16-mixed" in c or "--trainer.precision 32-true" in c
+    assert (tmp_path / "runs" / "A.done").is_file()  # fit returned 0: the run finished
+    python = tmp_path / "python"
+    python.write_text('#!/usr/bin/env bash\necho "$*" >> "$(dirname "$0")/curve_calls"\n')
+    python.chmod(0o755)
+    (tmp_path / "runs" / "C.done").unlink()
+    done = subprocess.run(["bash", script, "curves", "A", "C"], env={**env, "PYTHON": str(python)}, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    curve_a, curve_c = sorted((tmp_path / "curve_calls").read_text().splitlines(), key=lambda c: "recipe_C" in c)
+    assert "--out docs/results/curves/recipe_A.jsonl" in curve_a and "--last" in curve_a  # finished: its final step too
+    assert "--out docs/results/curves/recipe_C.jsonl" in curve_c and "--last" not in curve_c
+    assert f"--eval_dir {tmp_path / 'runs' / 'evals'}" in curve_a
     for argv, message in ((["train", "D"], "unknown run 'D'"), (["train"], "needs one or more"),
                           (["train", "A", "B", "C"], "at most two"), ([], "usage")):  # fmt: skip
         done = subprocess.run(["bash", script, *argv], env=env, capture_output=True, text=True)
