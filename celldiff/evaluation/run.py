@@ -141,6 +141,7 @@ def generate_for_evaluation(
         return result
 
     results = sharded_map(run, len(jobs))
+    sampling_seconds = time.perf_counter() - start
     families, masked, positions = [], [], []
     for job, result in zip(jobs, results, strict=True):
         if inpainting:
@@ -157,6 +158,8 @@ def generate_for_evaluation(
         "masked": masked,
         "inpainting": inpainting,
         "conditional": conditional,
+        "sampling_seconds": sampling_seconds,  # this process, wall clock, from the first job to the gathered result
+        "sampling_images": total,  # the images this process generated
     }
 
 
@@ -365,6 +368,12 @@ def run_evaluation(
         "sampler": sampler or model.hparams.sampler,
         "steps": steps if steps is not None else model.hparams.sampling_steps,
         "network_precision": network_precision,
+        # wall seconds of generation alone (no features, metrics or report), per image this process made, and the
+        # threads it had: the sampler's cost to compare (a DDP run's ranks sample in parallel; this is rank 0's)
+        "sampling_seconds": round(generated["sampling_seconds"], 2),
+        "sampling_seconds_per_image": round(generated["sampling_seconds"] / max(1, generated["sampling_images"]), 4),
+        "sampling_threads": torch.get_num_threads(),
+        "sampling_device": str(model.device),
     }
     if generated["inpainting"]:
         metrics["inpainting_comparisons"] = INPAINTING_COMPARISONS.format(m=compared_n, reference=reference_n, families=len(groups))

@@ -87,7 +87,10 @@ def test_evaluate_samples_under_the_trainer_precision(classifier_ckpt, small_sam
                  "--classifier_ckpt", str(classifier_ckpt), "--output_dir", str(out), "--num_samples", "8",
                  "--model.sampling_steps", "3", "--data.data_dir", str(small_sample),
                  "--trainer.precision", precision], tmp_path)  # fmt: skip
-        assert json.loads((out / "metrics.json").read_text())["network_precision"] == precision
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["network_precision"] == precision
+        assert metrics["sampling_seconds"] > 0 and metrics["sampling_device"] == "cpu" and metrics["sampling_threads"] >= 1
+        assert metrics["sampling_seconds_per_image"] == pytest.approx(metrics["sampling_seconds"] / 8, abs=1e-3)
         grids[precision] = np.asarray(Image.open(out / "generated_grid.png"), dtype=np.float64)
     difference = np.abs(grids["32-true"] - grids["bf16-mixed"])
     assert difference.max() > 0 and difference.mean() < 8
