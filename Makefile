@@ -25,16 +25,7 @@ demo: $(STAMP)
 		--output_dir $$RUN/demo_samples --num_samples 64 --seed 0 && \
 	echo "" && echo "celldiff demo: samples in $$RUN/demo_samples (grid: $$RUN/demo_samples/grid.png)," && \
 	echo "               training grids in $$RUN/samples, metrics in $$RUN/metrics.csv" && \
-	if [ -f $(SHIPPED) ]; then \
-		$(BIN)/celldiff predict --config configs/shipped.yaml --ckpt_path $(SHIPPED) --output_dir $$RUN/shipped_classes \
-			--classes all --num_samples 4 --seed 0 --trainer.enable_progress_bar false && \
-		$(BIN)/celldiff predict --config configs/shipped.yaml --ckpt_path $(SHIPPED) --output_dir $$RUN/shipped_nucleus \
-			--data.predict_source test --data.num_predict_samples 1 --samples_per_image 4 --seed 0 \
-			--trainer.enable_progress_bar false && \
-		echo "" && echo "the shipped model ($(SHIPPED), 64 x 64, weights/README.md) draws:" && \
-		echo "  four cells of each class:        $$RUN/shipped_classes/grid.png" && \
-		echo "  a test cell, nucleus inpainted:  $$RUN/shipped_nucleus/grid.png (masked input | 4 samples | original)"; \
-	fi
+	CELLDIFF=$(BIN)/celldiff SHIPPED=$(SHIPPED) bash scripts/demo_shipped.sh $$RUN
 
 ## test: the fast test suite (what CI runs first)
 test: $(STAMP)
